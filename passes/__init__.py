@@ -1,0 +1,1 @@
+"""torch.fx passes of pomfx: trace a model, convert its conv/linear weights, fold them back."""
