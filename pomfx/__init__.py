@@ -18,6 +18,8 @@ from .renorm import update_scales
 from .passes.convert import Plan, convert, plan  # noqa: E402  (the facade imports passes last)
 from .passes.fold import fold  # noqa: E402
 from .export import ExportReport, export_onnx  # noqa: E402
+from .bounds import Bounds, bounds  # noqa: E402
+from .report import Report, report  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -32,6 +34,10 @@ __all__ = [
     "export_onnx",
     "ExportReport",
     "load_plain_state_dict",
+    "bounds",
+    "Bounds",
+    "report",
+    "Report",
 ]
 
 
