@@ -8,9 +8,9 @@ share a manifold type; a layer's groups form its layout. pomfx's reading of the 
   ``pi`` groups the kernels that read one input channel, ``po`` those that write one output
   channel, ``pio`` shuffles the (d, c) grid and cuts it into subsets whose sizes follow a
   multivariate hypergeometric draw (sampling without replacement from an urn of
-  ``ceil(N/m)+1`` colours with ``m`` balls each, so every size is at most ``m``).
-  ``group_size`` caps a group (big ones are cut into near-equal parts); for pio its default cap
-  is ``max(D_g, C)``, the size of a natural pi or po group.
+  ``ceil(N/m)+1`` colours with ``m`` balls each, so every size is at most ``m`` and the sizes
+  sum to the grid). ``group_size`` caps a group (big ones are cut into near-equal parts); for
+  pio its default cap is ``max(D_g, C)``, the size of a natural pi or po group.
 - K = 1 (``nn.Linear``, 1×1 convs): a scalar kernel can only be ±1 on any manifold, so each group
   is one component, a block of the weight matrix: ``po`` cuts the output channels into chunks of
   at most ``group_size`` (default ``min(D_g, C)``), each block ``fan_in × chunk``; ``pi`` cuts the
@@ -19,8 +19,15 @@ share a manifold type; a layer's groups form its layout. pomfx's reading of the 
   are stored tall (``fan × width`` when that is tall, its transpose otherwise).
 
 Conv groups are respected: no group crosses them. Manifold types go to a layer's groups in equal
-shares at random. Every random choice comes from ``numpy.random.default_rng([seed, crc32(name)])``
-so the same arguments give the same layout in every process.
+shares (counts differ by at most one) at random. Every random choice comes from
+``numpy.random.default_rng([seed, crc32(name)])``, so the same arguments give the same layout in
+every process.
+
+Storage order: buckets (one manifold, one component shape) one after the other, in the order of
+the manifold names given, then by shape; inside a bucket, groups stay whole and keep their order.
+
+Cost: building a layout is vectorized numpy, a few passes over the layer's storage units (kernels
+for K > 1, weight elements for K = 1); nothing loops in Python over components or groups.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -37,10 +44,18 @@ from . import manifolds as _m
 __all__ = ["SCHEMES", "Bucket", "Layout", "build_layout", "parse_manifolds", "check_group_size"]
 
 SCHEMES = ("pi", "po", "pio")
+_I64 = np.int64
 
 
 def parse_manifolds(spec: str | Sequence[str]) -> tuple[str, ...]:
     """``"sp+ob+st"`` → ``("sp", "ob", "st")``; raises ValueError naming the valid names."""
+    if not isinstance(spec, str) and not (
+        isinstance(spec, Sequence) and all(isinstance(n, str) for n in spec)
+    ):
+        raise ValueError(
+            f"manifolds must be a string such as 'sp+ob+st' (valid names: {', '.join(_m.MANIFOLDS)}), "
+            f"got {spec!r}"
+        )
     names = spec.split("+") if isinstance(spec, str) else list(spec)
     names = [n.strip() for n in names]
     if not names or any(n not in _m.MANIFOLDS for n in names):
@@ -50,12 +65,12 @@ def parse_manifolds(spec: str | Sequence[str]) -> tuple[str, ...]:
             "joined by '+' (e.g. 'sp+ob+st' or 'sp+ob+st+euc')"
         )
     if len(set(names)) != len(names):
-        raise ValueError(f"manifold listed twice in {spec!r}")
+        raise ValueError(f"manifold listed twice in {spec!r}; valid: {', '.join(_m.MANIFOLDS)}, each once")
     return tuple(names)
 
 
 def check_scheme(scheme: str) -> str:
-    if scheme not in SCHEMES:
+    if not isinstance(scheme, str) or scheme not in SCHEMES:
         raise ValueError(f"unknown scheme {scheme!r}; valid: {', '.join(SCHEMES)}")
     return scheme
 
@@ -91,9 +106,9 @@ class Layout:
     """Where each stored component element lives in the weight, and what it is constrained to.
 
     ``index`` gathers the weight from storage: ``W.view(P*Q, unit) = stored.view(-1, unit)[index]``
-    with ``unit = K`` for kernels and 1 for blocks; ``inverse`` is its inverse permutation.
-    ``gamma[p, q]`` is the geometric scale of the manifold holding weight row (p, q), and
-    ``in_channel[p, q]`` the input feature channel that row reads (for λ).
+    with ``unit = K`` for kernels and 1 for blocks; ``inverse`` is its inverse permutation (both
+    int64). ``gamma[p, q]`` (float32) is the geometric scale of the manifold holding weight row
+    (p, q), and ``in_channel[p, q]`` (int64) the input feature channel that row reads (for λ).
     """
 
     weight_shape: tuple[int, ...]
@@ -106,6 +121,7 @@ class Layout:
     in_channel: np.ndarray
     in_features: int
     options: dict
+    _summary: dict | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def unit(self) -> int:
@@ -121,40 +137,84 @@ class Layout:
 
     def describe(self) -> dict:
         """A small, exact, JSON-able summary (saved in the state_dict, compared on load)."""
-        return {
-            **self.options,
-            "weight_shape": list(self.weight_shape),
-            "buckets": [
-                [b.manifold, b.rows, b.cols, b.count, len(b.group_sizes)] for b in self.buckets
-            ],
-            "checksum": zlib.crc32(np.ascontiguousarray(self.index, dtype=np.int64).tobytes()),
-        }
+        if self._summary is None:
+            self._summary = {
+                **self.options,
+                "weight_shape": list(self.weight_shape),
+                "buckets": [[b.manifold, b.rows, b.cols, b.count, len(b.group_sizes)] for b in self.buckets],
+                "checksum": zlib.crc32(np.ascontiguousarray(self.index, dtype=_I64).tobytes()),
+            }
+        return {**self._summary, "buckets": [list(b) for b in self._summary["buckets"]]}
 
 
+# -- small helpers -----------------------------------------------------------------------------
 def _chunks(n: int, cap: int) -> np.ndarray:
     """n cut into ceil(n/cap) near-equal parts (sizes differ by at most one)."""
     k = -(-n // cap)
-    return np.full(k, n // k) + (np.arange(k) < n % k)
+    return np.full(k, n // k, dtype=_I64) + (np.arange(k) < n % k)
 
 
 def _hypergeometric_sizes(rng: np.random.Generator, n: int, cap: int) -> np.ndarray:
+    """Group sizes summing to n, each at most cap: a multivariate hypergeometric draw of n balls
+    from ceil(n/cap)+1 colours of cap balls each (empty colours dropped)."""
     colours = -(-n // cap) + 1
-    sizes = rng.multivariate_hypergeometric(np.full(colours, cap), n)
-    return sizes[sizes > 0]
+    sizes = rng.multivariate_hypergeometric(np.full(colours, cap, dtype=_I64), n)
+    return sizes[sizes > 0].astype(_I64)
 
 
 def _assign_types(rng: np.random.Generator, n_groups: int, n_types: int) -> np.ndarray:
-    """Equal shares of the types over the groups, at random."""
+    """Equal shares of the types over the groups (counts differ by at most one), at random."""
     return rng.permutation((np.arange(n_groups) + rng.integers(n_types)) % n_types)
 
 
-def _rows(d: np.ndarray, c: np.ndarray, dims: tuple[int, int, int], transposed: bool):
-    """Weight row (index into W.view(P*Q, ...)) and input channel of canonical entry (d, c)."""
+def _shuffle_rows(rng: np.random.Generator, rows: int, n: int) -> np.ndarray:
+    """``rows`` independent random permutations of ``range(n)``, shape (rows, n)."""
+    if rows == 1:
+        return rng.permutation(n).reshape(1, n)
+    return rng.permuted(np.tile(np.arange(n, dtype=_I64), (rows, 1)), axis=1)
+
+
+def _ranges(starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Concatenation of ``arange(s, s + n)`` for every (s, n), without a Python loop."""
+    total = int(sizes.sum())
+    shift = np.repeat(starts - (np.cumsum(sizes) - sizes), sizes)
+    return shift + np.arange(total, dtype=_I64)
+
+
+def _in_channel(shape, dims, transposed) -> np.ndarray:
+    """The input feature channel that weight row (p, q) reads, as a (P, Q) int64 array."""
     _, c_per, d_per = dims
-    grp = d // d_per
-    in_ch = grp * c_per + c
-    row = (in_ch * d_per + d % d_per) if transposed else d * c_per + c
-    return row, in_ch
+    p, q = shape[0], shape[1]
+    if transposed:  # ConvTranspose: row p is input channel p
+        return np.repeat(np.arange(p, dtype=_I64), q).reshape(p, q)
+    return np.add.outer((np.arange(p, dtype=_I64) // d_per) * c_per, np.arange(q, dtype=_I64))
+
+
+def _finish(
+    shape, kernel, transpose, buckets, inverse, gammas, dims, transposed, options, index=None, gamma=None
+):
+    """Completes a Layout: ``index`` (the inverse permutation of ``inverse``, by a scatter unless
+    given), ``gamma`` per weight row (from the buckets' ``gammas`` unless given), input channels."""
+    p, q = shape[0], shape[1]
+    n = len(inverse)
+    if index is None:
+        index = np.empty(n, dtype=_I64)
+        index[inverse] = np.arange(n, dtype=_I64)
+    if gamma is None:
+        unit = (lambda b: b.count) if kernel else (lambda b: b.numel)
+        gamma = np.repeat(np.asarray(gammas, dtype=np.float32), [unit(b) for b in buckets])[index]
+    return Layout(
+        weight_shape=tuple(shape),
+        kernel=kernel,
+        transpose=transpose,
+        buckets=tuple(buckets),
+        index=np.ascontiguousarray(index).reshape(-1),
+        inverse=np.ascontiguousarray(inverse),
+        gamma=np.ascontiguousarray(gamma).reshape(p, q),
+        in_channel=np.ascontiguousarray(_in_channel(shape, dims, transposed)),
+        in_features=dims[0] * dims[1],
+        options=options,
+    )
 
 
 def build_layout(
@@ -168,13 +228,25 @@ def build_layout(
     conv_groups: int = 1,
     transposed: bool = False,
 ) -> Layout:
-    """The layout of one weight. ``transposed``: a ConvTranspose weight ``(C_in, C_out/g, *k)``."""
+    """The layout of one weight, named ``name`` (its qualified name: it seeds the random choices).
+
+    ``weight_shape`` is ``(D, C/g, *kernel)``, or with ``transposed`` a ConvTranspose weight
+    ``(C_in, C_out/g, *kernel)``; ``conv_groups`` is the conv's ``groups``.
+    """
     check_scheme(scheme)
     types = parse_manifolds(manifolds)
     group_size = check_group_size(group_size)
     shape = tuple(int(s) for s in weight_shape)
-    if len(shape) < 2:
-        raise ValueError(f"weight of {name!r} has shape {shape}; need (out, in, *kernel)")
+    if len(shape) < 2 or any(s < 1 for s in shape):
+        raise ValueError(f"weight of {name!r} has shape {shape}; need (out, in, *kernel), all sizes >= 1")
+    if isinstance(conv_groups, bool) or not isinstance(conv_groups, (int, np.integer)) or conv_groups < 1:
+        raise ValueError(f"conv_groups must be a positive int, got {conv_groups!r}")
+    conv_groups = int(conv_groups)
+    if shape[0] % conv_groups:
+        role = "input" if transposed else "output"
+        raise ValueError(
+            f"weight {shape} of {name!r}: {shape[0]} {role} channels not divisible by {conv_groups=}"
+        )
     if transposed:
         d_per, c_per = shape[1], shape[0] // conv_groups
     else:
@@ -193,108 +265,147 @@ def build_layout(
     return build(rng, shape, dims, scheme, types, group_size, transposed, options)
 
 
+# -- K > 1: one component per kernel -----------------------------------------------------------
 def _kernel_layout(rng, shape, dims, scheme, types, group_size, transposed, options) -> Layout:
     gc, c_per, d_per = dims
     n_per = d_per * c_per
-    if scheme == "po":  # canonical k = d*C + c, already grouped by d
-        order = np.arange(gc * n_per)
+    # ``order``: canonical units k = d·C + c (d global), listed group after group
+    if scheme == "po":  # already grouped by d
+        order = np.arange(gc * n_per, dtype=_I64)
         sizes = np.tile(_chunks(c_per, group_size or c_per), gc * d_per)
     elif scheme == "pi":  # for each (conv group, c): the d of that conv group
-        g, c, j = np.meshgrid(np.arange(gc), np.arange(c_per), np.arange(d_per), indexing="ij")
-        order = ((g * d_per + j) * c_per + c).ravel()
+        g, c, j = np.ogrid[:gc, :c_per, :d_per]
+        order = ((g * d_per + j) * c_per + c).astype(_I64).ravel()
         sizes = np.tile(_chunks(d_per, group_size or d_per), gc * c_per)
     else:  # pio: shuffle within each conv group, cut by a hypergeometric draw
-        keys = rng.random((gc, n_per))
-        order = (np.argsort(keys, axis=1) + np.arange(gc)[:, None] * n_per).ravel()
-        cap = group_size or max(d_per, c_per)
-        sizes = np.tile(_hypergeometric_sizes(rng, n_per, cap), gc)
+        order = (_shuffle_rows(rng, gc, n_per) + np.arange(gc, dtype=_I64)[:, None] * n_per).ravel()
+        sizes = np.tile(_hypergeometric_sizes(rng, n_per, group_size or max(d_per, c_per)), gc)
     gtype = _assign_types(rng, len(sizes), len(types))
-    gid = np.repeat(np.arange(len(sizes)), sizes)
-    perm = np.argsort(gtype[gid], kind="stable")  # components bucketed by type, groups kept whole
-    stored, stored_gid = order[perm], gid[perm]
-    rows, _ = _rows(stored // c_per, stored % c_per, dims, transposed)
+
+    # bucket by type, groups kept whole and in order: reorder whole groups, not units
+    if len(types) > 1:
+        by_type = np.argsort(gtype, kind="stable")
+        starts = np.cumsum(sizes) - sizes
+        order = order[_ranges(starts[by_type], sizes[by_type])]
+        sizes, gtype = sizes[by_type], gtype[by_type]
+    if transposed:  # unit k = (d, c) -> row (g·C + c)·D_g + d % D_g of W.view(C_in·D_g, K)
+        d, c = np.divmod(order, c_per)
+        inverse = ((d // d_per) * c_per + c) * d_per + d % d_per
+    else:  # row d·C + c of W.view(D·C, K) is unit k itself
+        inverse = order
 
     ks = shape[2:]
     a, b = (ks[0], 1) if len(ks) == 1 else (math.prod(ks[:-1]), ks[-1])
     transpose = a < b
     a, b = max(a, b), min(a, b)
 
-    buckets, offset, start = [], 0, 0
-    gamma_stored = np.empty(len(stored))
+    buckets, gammas, offset = [], [], 0
+    counts = np.bincount(gtype, minlength=len(types))
+    first = np.searchsorted(gtype, np.arange(len(types)))
     for t, mname in enumerate(types):
-        count = int((gtype[gid] == t).sum())
-        if not count:
+        if not counts[t]:
             continue
-        seg = stored_gid[start : start + count]
-        cuts = np.flatnonzero(np.diff(seg)) + 1
-        group_sizes = tuple(int(x) for x in np.diff(np.r_[0, cuts, count]))
-        buckets.append(Bucket(mname, a, b, count, offset, group_sizes))
-        gamma_stored[start : start + count] = _m.get(mname).gamma(b)
+        gs = sizes[first[t] : first[t] + counts[t]]
+        count = int(gs.sum())
+        buckets.append(Bucket(mname, a, b, count, offset, tuple(gs.tolist())))
+        gammas.append(_m.get(mname).gamma(b))
         offset += count * a * b
-        start += count
-    return _finish(shape, True, transpose, buckets, rows, gamma_stored, dims, transposed, options)
+    return _finish(shape, True, transpose, buckets, inverse, gammas, dims, transposed, options)
 
 
+# -- K = 1: one component per block -----------------------------------------------------------
 def _block_layout(rng, shape, dims, scheme, types, group_size, transposed, options) -> Layout:
+    """Blocks of a K = 1 weight. Per element, three sequential passes: ``inverse`` (storage ->
+    weight) by broadcasting each bucket's row and column offsets, and ``index`` (weight ->
+    storage) and ``gamma`` from per-channel and per-block tables (no scatter over elements)."""
     gc, c_per, d_per = dims
-    out_perm = np.tile(np.arange(d_per), (gc, 1))
-    in_perm = np.tile(np.arange(c_per), (gc, 1))
     if scheme == "po":
-        oc, ic = _chunks(d_per, group_size or min(d_per, c_per)), np.array([c_per])
+        oc, ic = _chunks(d_per, group_size or min(d_per, c_per)), np.array([c_per], dtype=_I64)
     elif scheme == "pi":
-        oc, ic = np.array([d_per]), _chunks(c_per, group_size or min(c_per, d_per))
-    else:
-        out_perm = np.argsort(rng.random((gc, d_per)), axis=1)
-        in_perm = np.argsort(rng.random((gc, c_per)), axis=1)
+        oc, ic = np.array([d_per], dtype=_I64), _chunks(c_per, group_size or min(c_per, d_per))
+    if scheme == "pio":  # positions of the output / input channels after the shuffle
+        out_perm = _shuffle_rows(rng, gc, d_per)
+        in_perm = _shuffle_rows(rng, gc, c_per)
         oc = _chunks(d_per, group_size or -(-d_per // 2))
         ic = _chunks(c_per, group_size or -(-c_per // 2))
-    # every block: (conv group, out chunk, in chunk)
-    g, o, i = (x.ravel() for x in np.meshgrid(np.arange(gc), np.arange(len(oc)), np.arange(len(ic)), indexing="ij"))
-    o_start, i_start = np.r_[0, np.cumsum(oc)][o], np.r_[0, np.cumsum(ic)][i]
-    o_size, i_size = oc[o], ic[i]
-    btype = _assign_types(rng, len(g), len(types))
+    else:
+        out_perm = np.broadcast_to(np.arange(d_per, dtype=_I64), (gc, d_per))
+        in_perm = np.broadcast_to(np.arange(c_per, dtype=_I64), (gc, c_per))
+    # every block: (conv group, out chunk, in chunk); flat id (g·n_oc + o)·n_ic + i
+    n_oc, n_ic = len(oc), len(ic)
+    o_start, i_start = np.cumsum(oc) - oc, np.cumsum(ic) - ic
+    btype = _assign_types(rng, gc * n_oc * n_ic, len(types)).reshape(gc, n_oc, n_ic)
 
-    buckets, rows_parts, gamma_parts, offset = [], [], [], 0
-    shapes = sorted({(int(a), int(b)) for a, b in zip(o_size, i_size)})
+    # A weight element (d, c) of conv group g (d, c local) sits at flat position
+    # dterm[g, d] + cterm[g, c] of W.view(-1): a row part and a column part.
+    if transposed:  # W: (C_in, D_g); row g·C + c, column d
+        dterm = np.broadcast_to(np.arange(d_per, dtype=_I64), (gc, d_per))
+        cterm = (np.arange(gc * c_per, dtype=_I64) * d_per).reshape(gc, c_per)
+    else:  # W: (D, C); row g·D_g + d, column c
+        dterm = (np.arange(gc * d_per, dtype=_I64) * c_per).reshape(gc, d_per)
+        cterm = np.broadcast_to(np.arange(c_per, dtype=_I64), (gc, c_per))
+    if scheme == "pio":
+        dterm = np.take_along_axis(dterm, out_perm, 1)
+        cterm = np.take_along_axis(cterm, in_perm, 1)
+
+    # buckets: by manifold, then by block shape (o, i); blocks in id order inside a bucket.
+    # Per block: storage offset, strides of its out / in position, gamma.
+    o_sizes, i_sizes = sorted(set(oc.tolist())), sorted(set(ic.tolist()))
+    shapes = sorted((o, i) for o in o_sizes for i in i_sizes)
+    n = int(np.prod(shape))
+    inverse = np.empty(n, dtype=_I64)
+    boff = np.empty((gc, n_oc, n_ic), dtype=_I64)
+    gtab = np.empty((gc, n_oc, n_ic), dtype=np.float32)
+    tall_t = ic[None, :] >= oc[:, None]  # (n_oc, n_ic): stored as the (i × o) transpose
+    o_stride = np.where(tall_t, 1, ic[None, :])  # storage stride of the out position in a block
+    i_stride = np.where(tall_t, oc[:, None], 1)  # ... of the in position
+    buckets, offset = [], 0
     for t, mname in enumerate(types):
         for os_, is_ in shapes:
-            sel = np.flatnonzero((btype == t) & (o_size == os_) & (i_size == is_))
+            ob, ib = np.flatnonzero(oc == os_), np.flatnonzero(ic == is_)
+            if not len(ob) or not len(ib):
+                continue
+            sel = np.argwhere(btype[:, ob][:, :, ib] == t)  # (nb, 3): g, position in ob, in ib
             if not len(sel):
                 continue
-            d = g[sel, None] * d_per + out_perm[g[sel, None], o_start[sel, None] + np.arange(os_)]
-            c = in_perm[g[sel, None], i_start[sel, None] + np.arange(is_)]
-            # (nb, o, i) rows of the block; stored tall: (i × o) = blockᵀ when i >= o
-            rows, _ = _rows(d[:, :, None], c[:, None, :], dims, transposed)
-            rows = rows.transpose(0, 2, 1) if is_ >= os_ else rows
-            a, b = rows.shape[1:]
-            buckets.append(Bucket(mname, a, b, len(sel), offset, (1,) * len(sel)))
-            rows_parts.append(rows.ravel())
-            gamma_parts.append(np.full(rows.size, _m.get(mname).gamma(b)))
-            offset += rows.size
-    rows, gamma_stored = np.concatenate(rows_parts), np.concatenate(gamma_parts)
-    return _finish(shape, False, False, buckets, rows, gamma_stored, dims, transposed, options)
+            g, o, i = sel[:, 0], ob[sel[:, 1]], ib[sel[:, 2]]
+            rows = dterm[g[:, None], o_start[o, None] + np.arange(os_)]  # (nb, os)
+            cols = cterm[g[:, None], i_start[i, None] + np.arange(is_)]  # (nb, is)
+            nb, size = len(sel), os_ * is_
+            out = inverse[offset : offset + nb * size]
+            if is_ >= os_:  # stored tall: the (i × o) transpose of the block
+                a, b = is_, os_
+                np.add(cols[:, :, None], rows[:, None, :], out=out.reshape(nb, a, b))
+            else:
+                a, b = os_, is_
+                np.add(rows[:, :, None], cols[:, None, :], out=out.reshape(nb, a, b))
+            gamma = _m.get(mname).gamma(b)
+            boff[g, o, i] = offset + np.arange(nb, dtype=_I64) * size
+            gtab[g, o, i] = gamma
+            buckets.append(Bucket(mname, a, b, nb, offset, (1,) * nb))
+            offset += nb * size
+    assert offset == n
 
-
-def _finish(shape, kernel, transpose, buckets, rows, gamma_stored, dims, transposed, options):
-    gc, c_per, d_per = dims
-    p, q = shape[0], shape[1]
-    index = np.empty_like(rows)
-    index[rows] = np.arange(len(rows))
-    gamma = np.empty(p * q)
-    gamma[rows] = gamma_stored
-    d, c = np.divmod(np.arange(gc * d_per * c_per), c_per)
-    row, in_ch = _rows(d, c, dims, transposed)
-    in_channel = np.empty(p * q, dtype=np.int64)
-    in_channel[row] = in_ch
-    return Layout(
-        weight_shape=tuple(shape),
-        kernel=kernel,
-        transpose=transpose,
-        buckets=tuple(buckets),
-        index=index,
-        inverse=rows,
-        gamma=gamma.reshape(p, q),
-        in_channel=in_channel.reshape(p, q),
-        in_features=gc * c_per,
-        options=options,
-    )
+    # index[g, d, c] = boff[blk] + pos_o(d)·o_stride[blk] + pos_i(c)·i_stride[blk], blk = (g, oid(d), iid(c)):
+    # a row table (g, d, in chunk) plus a column table (g, c, out chunk), each gathered cheaply.
+    pos_out = np.empty((gc, d_per), dtype=_I64)  # position of local output channel d after the shuffle
+    np.put_along_axis(pos_out, out_perm, np.arange(d_per, dtype=_I64)[None, :], 1)
+    pos_in = np.empty((gc, c_per), dtype=_I64)
+    np.put_along_axis(pos_in, in_perm, np.arange(c_per, dtype=_I64)[None, :], 1)
+    oid = np.repeat(np.arange(n_oc), oc)[pos_out]  # (gc, d_per): out chunk of d
+    iid = np.repeat(np.arange(n_ic), ic)[pos_in]  # (gc, c_per)
+    po_, pi_ = pos_out - o_start[oid], pos_in - i_start[iid]  # position inside the chunk
+    g_ix = np.arange(gc)[:, None]
+    row_tab = boff[g_ix, oid] + po_[:, :, None] * o_stride[oid]  # (gc, d_per, n_ic)
+    col_tab = (pi_[:, :, None] * i_stride.T[iid]).transpose(0, 2, 1)  # (gc, n_oc, c_per)
+    if gc == 1:  # the common case, in 2-D ops (much faster than take_along_axis)
+        index = np.take(row_tab[0], iid[0], axis=1)[None]  # (1, d_per, c_per)
+        index[0] += col_tab[0][oid[0]]
+        gamma = np.take(gtab[0][oid[0]], iid[0], axis=1)[None]
+    else:
+        index = np.take_along_axis(row_tab, iid[:, None, :], 2)  # (gc, d_per, c_per)
+        index += np.take_along_axis(col_tab, oid[:, :, None], 1)
+        gamma = np.take_along_axis(gtab[g_ix, oid], iid[:, None, :], 2)
+    if transposed:  # weight layout (g, c, d)
+        index, gamma = index.transpose(0, 2, 1), gamma.transpose(0, 2, 1)
+    return _finish(shape, False, False, buckets, inverse, None, dims, transposed, options, index, gamma)
