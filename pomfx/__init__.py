@@ -10,15 +10,14 @@ from __future__ import annotations
 
 from torch import nn
 
+from .bounds import Bounds, bounds  # noqa: E402
 from .checkpoint import load_plain_state_dict
+from .export import ExportReport, export_onnx  # noqa: E402
 from .optim import FGSGD
-from .renorm import poms as _poms
-from .renorm import update_scales
-
 from .passes.convert import Plan, convert, plan  # noqa: E402  (the facade imports passes last)
 from .passes.fold import fold  # noqa: E402
-from .export import ExportReport, export_onnx  # noqa: E402
-from .bounds import Bounds, bounds  # noqa: E402
+from .renorm import poms as _poms
+from .renorm import update_scales
 from .report import Report, report  # noqa: E402
 
 __version__ = "0.1.0"

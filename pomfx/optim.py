@@ -1,55 +1,98 @@
 """FG-SGD: Riemannian SGD over the products of manifolds of converted layers (Algorithm 1).
 
-For every constrained bucket of every layer, each step does (paper's lines 4-6):
+For every constrained group of every converted layer, each step does (paper's lines 4-6):
 
-1. Riemannian gradient: ``g = Π_ω(∇_ω L / R²)`` (tangent projection of the scaled gradient);
-2. momentum in the tangent space, ``v ← μ·T(v) + (1−τ)·g`` (Nesterov: ``g + μ·v``), where the
-   buffer ``T(v)`` is carried to the new point by vector transport (projection);
-3. step ``ξ = −r(t, Θ)·v`` and retraction ``ω ← Retr_ω(ξ)``.
+1. Riemannian gradient: ``d = Π_ω(s ⊙ ∇_ω L)`` with ``s = 1/R²`` (tangent projection of the
+   scaled gradient; ``maximize`` flips its sign);
+2. momentum in the tangent space, ``v ← μ·v + (1−τ)·d`` (Nesterov: ``u = d + μ·v``, else
+   ``u = v``); the buffer was carried to the current point by vector transport (projection) at
+   the end of the previous step; the first step sets ``v = d``, as torch's SGD does;
+3. step ``ξ = −r(t, Θ)·u``, retraction ``ω ← Retr_ω(ξ)``, transport ``v ← Π_ω_new(v)``.
 
 **Step size r(t, Θ), pomfx's reading.** A user who switches from ``torch.optim.SGD(lr)`` expects
 the same training. The layer computes ``W = R ⊙ ω``; a step ``ΔW = −lr·∇_W L`` is, in ω,
 ``Δω = −(lr/R²)·∇_ω L`` (since ``∇_ω L = R·∇_W L``). FG-SGD therefore scales each component's
-gradient by 1/R² (R carries κ, the layer's initial scale, see :mod:`pomfx.parametrization`): the
-effective weight moves as SGD would move it, restricted to the manifold's tangent directions.
-On top, one step never moves a group further than the geodesic radius δ (``radius``, in
-radians, relative to the group's norm ‖ω_g‖_F)::
+gradient by ``s = 1/R²`` (R carries κ, the layer's initial scale, see
+:mod:`pomfx.parametrization`): the effective weight moves as SGD would move it, restricted to the
+manifold's tangent directions. On top, one step never moves a group further than the geodesic
+radius δ (``radius``, in radians, relative to the group's norm ‖ω_g‖_F)::
 
-    r(t, Θ)_g = lr(t) / R² · min(1, δ·‖ω_g‖_F / ‖ξ_g‖_F)
+    r(t, Θ)_g = lr(t) · min(1, δ·‖ω_g‖_F / (lr(t)·‖u_g‖_F))        ‖ω_g‖²_F = Σ_c ‖ω_c‖²_F
 
-With small gradients the cap is inactive and FG-SGD is plain Riemannian SGD. Plain SGD
-stabilises itself on scale-invariant weights (a large step inflates ‖w‖ and slows the next
-ones); the cap is that safeguard on a manifold, where the norm cannot grow.
+(‖ω_c‖²_F is 1 on sp and B on ob and st.) With small gradients the cap is inactive and FG-SGD is
+plain Riemannian SGD; a huge gradient moves its group by exactly δ·‖ω_g‖_F. Plain SGD stabilises
+itself on scale-invariant weights (a large step inflates ‖w‖ and slows the next ones); the cap is
+that safeguard on a manifold, where the norm cannot grow.
 
-Euclidean parameters (``euc`` components, biases, norm layers, unconverted layers) get exactly
-``torch.optim.SGD`` (same code path), with weight decay; constrained components get none.
-Non-finite gradients skip the step of the groups they touch (``nonfinite="skip"``, ω and its
-momentum stay as they were) or raise (``nonfinite="raise"``).
+Euclidean parameters (biases, norm layers, unconverted layers) get exactly ``torch.optim.SGD``
+(the same function, with weight decay). ``euc`` components of a converted layer take the same
+SGD update in ω (with ``s``, with weight decay); constrained components get no weight decay.
+
+**Retractions** (all exact to rounding, so the constraint error stays at rounding level and no
+periodic re-projection is needed): sphere and oblique normalise ``ω + ξ`` (the norms are
+recomputed, not predicted); Stiefel takes the Q factor with positive diagonal R, by Cholesky-QR
+of ``ω + ξ`` (whose Gram matrix is ``I + ξᵀξ``: well conditioned), done in elementwise tensor
+ops for small components (kernels: B ≤ 8) and repeated once when a step is large; big blocks use
+:meth:`pomfx.manifolds.Stiefel.retract`. Transport is the projection onto the new tangent space;
+on sp and ob its inner products follow in closed form from the step's own norms.
+
+**Non-finite gradients** (``nonfinite="skip"``): a group whose gradient holds a NaN or inf is not
+moved and its momentum is kept, bit for bit; the other groups step normally. The test is folded
+into the step's own reductions (no extra pass when all gradients are finite); on CPU the
+gradient is cleaned only when a non-finite value is present, on CUDA always (no host sync).
+``nonfinite="raise"`` checks every constrained gradient first and raises FloatingPointError
+before anything changes. Plain parameters follow torch's SGD in both modes.
+
+**Low precision.** A bf16/fp16 ComponentParameter keeps an fp32 master copy of ω
+(``state["master"]``) and an fp32 momentum buffer: the step and the retraction run in fp32 on
+the master, which is then rounded into the parameter. If the parameter is changed outside the
+optimizer (loading a model checkpoint, say), the master is re-read from it. Both live in the
+optimizer's state_dict, and loading keeps them in fp32, so a resumed run continues bit for bit.
+
+**Speed.** Nothing loops in Python over components. Kernel layers (K > 1) store ω structure of
+arrays in weight order (:class:`pomfx.parametrization.POM`), their components of all manifolds
+interleaved: one :class:`_KernelJob` applies the four manifolds' formulas side by side with
+per-component masks, as elementwise ops over the contiguous component axis (a B×B product of
+3×3 kernels is 3 fused multiply-adds over N, where a batched matmul or LAPACK call per component
+would be 10-40× slower on CPU). Block layers (K = 1) are bucketed: same manifold and shape, across
+layers, one :class:`_Job`. On CPU, work is cut into chunks of about ``chunk`` elements so that its
+passes run in cache, temporaries live in persistent workspaces (fresh large allocations page-fault
+on every step), and a non-finite check costs one reduction; on CUDA ("batched" mode) all kernel
+layers of a shape form one job, small-matrix products are batched matmuls and a batched Cholesky,
+and nothing syncs with the host.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.sgd import sgd as _torch_sgd
 
-from . import manifolds as _m
 from .parametrization import ComponentParameter
 
 __all__ = ["FGSGD"]
 
 _NONFINITE = ("skip", "raise")
+_TYPE_CODE = {"sp": 0, "ob": 1, "st": 2, "euc": 3}  # as in pomfx.parametrization
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_CHUNK = 1 << 18  # elements per CPU job: x, grad, momentum and temporaries stay in cache
+_SMALL_ROWS, _SMALL_COLS = 16, 8  # components up to this size use elementwise small-matrix ops
+_RESTEP = 0.25  # ‖ξ_c‖² above which the Stiefel Cholesky-QR is done twice
 
 
 class FGSGD(Optimizer):
     """Riemannian SGD for pomfx-converted models; torch's SGD for every other parameter.
 
-    Takes ``model.parameters()`` or param groups, like ``torch.optim.SGD``; works with LR
-    schedulers, ``torch.amp.GradScaler``, closures and ``state_dict``. ``radius`` is δ above;
-    ``nonfinite`` chooses what a non-finite gradient does: ``"skip"`` or ``"raise"``.
+    Takes ``model.parameters()`` or param groups, like ``torch.optim.SGD``, with the same
+    arguments; works with LR schedulers, ``torch.amp.GradScaler``, closures and ``state_dict``.
+    ``radius`` is δ of the step-size rule (module docstring); ``nonfinite`` chooses what a
+    non-finite gradient of a constrained group does: ``"skip"`` its step or ``"raise"``;
+    ``chunk`` is the CPU job size in elements (a tuning knob: results do not depend on it
+    beyond rounding).
     """
 
     def __init__(
@@ -64,7 +107,10 @@ class FGSGD(Optimizer):
         maximize: bool = False,
         radius: float = 0.2,
         nonfinite: str = "skip",
+        chunk: int = _CHUNK,
     ):
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
         if not 0.0 <= float(lr):
             raise ValueError(f"Invalid learning rate: {lr}")
         if momentum < 0.0:
@@ -77,6 +123,8 @@ class FGSGD(Optimizer):
             raise ValueError(f"radius must be > 0 (radians), got {radius}")
         if nonfinite not in _NONFINITE:
             raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
+        if not (isinstance(chunk, int) and chunk > 0):
+            raise ValueError(f"chunk must be a positive int (elements), got {chunk!r}")
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -91,103 +139,848 @@ class FGSGD(Optimizer):
             fused=None,
         )
         super().__init__(params, defaults)
+        _refuse_sharded(p for g in self.param_groups for p in g["params"])
+        self._chunk = chunk
+        self._batched: bool | None = None  # None: batched on CUDA, chunked on CPU
+        self._plans: dict = {}  # (group index, params with grads) -> list of _Job
+        self._written: dict = {}  # id(param) -> its _version after our last write (masters)
+        self._fp32_state: dict = {}
+        self.register_load_state_dict_pre_hook(_keep_fp32_pre)
+        self.register_load_state_dict_post_hook(_keep_fp32_post)
 
+    def __setstate__(self, state):  # unpickling, and the end of load_state_dict
+        super().__setstate__(state)
+        self.__dict__.setdefault("_chunk", _CHUNK)
+        self.__dict__.setdefault("_batched", None)
+        self.__dict__.setdefault("_fp32_state", {})  # read by the load post hook, just after
+        self._plans, self._written = {}, {}
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_plans"], state["_written"], state["_fp32_state"] = {}, {}, {}
+        return state
+
+    # -- the step ---------------------------------------------------------------------------
+    @torch.compiler.disable  # traced, the constrained weights would be stepped as plain tensors
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            plain, grads, bufs = [], [], []
+        work = []
+        for gi, group in enumerate(self.param_groups):
+            plain, manifold = [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if isinstance(p, ComponentParameter) and p.pom is not None:
-                    self._manifold_step(p, group)
+                    if p.grad.is_sparse:
+                        raise RuntimeError("FGSGD does not support sparse gradients on constrained weights")
+                    manifold.append(p)
                 else:
                     plain.append(p)
-                    grads.append(p.grad)
-                    bufs.append(self.state[p].get("momentum_buffer"))
+            work.append((gi, group, plain, manifold))
+        for _, group, _, manifold in work:  # raise before anything changes
+            if group["nonfinite"] == "raise" and manifold:
+                _check_finite(manifold)
+        for gi, group, plain, manifold in work:
             if plain:
-                _torch_sgd(
-                    plain,
-                    grads,
-                    bufs,
-                    has_sparse_grad=any(g.is_sparse for g in grads),
-                    foreach=group["foreach"],
-                    weight_decay=group["weight_decay"],
-                    momentum=group["momentum"],
-                    lr=group["lr"],
-                    dampening=group["dampening"],
-                    nesterov=group["nesterov"],
-                    maximize=group["maximize"],
-                )
-                if group["momentum"] != 0:
-                    for p, buf in zip(plain, bufs):
-                        self.state[p]["momentum_buffer"] = buf
+                self._plain_step(group, plain)
+            if manifold:
+                self._manifold_step(gi, group, manifold)
         return loss
 
-    def _manifold_step(self, p: ComponentParameter, group: dict) -> None:
-        pom, grad = p.pom, p.grad
-        if grad.is_sparse:
-            raise RuntimeError("FGSGD does not support sparse gradients on constrained weights")
-        lr, mu, damp = group["lr"], group["momentum"], group["dampening"]
-        state = self.state[p]
-        buf = state.get("momentum_buffer")
-        first = buf is None and mu != 0
-        if first:
-            buf = state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        scale = pom.lr_scale().to(grad.dtype)
-        for b, x in pom.buckets(p.data):
-            sl = slice(b.offset, b.offset + b.numel)
-            g = grad[sl].view_as(x)
-            s = scale[pom.bucket_units(b)]
-            g = g * (s.view(-1, 1, 1) if pom.layout.kernel else s.view_as(x))
-            if group["maximize"]:
-                g = -g
-            manifold = _m.get(b.manifold)
-            euclidean = manifold is _m.Euclidean
-            if euclidean and group["weight_decay"]:
-                g = g.add(x, alpha=group["weight_decay"])
-            ok = self._finite_groups(g, pom, b, group["nonfinite"])
-            d = torch.where(ok, manifold.proj_tangent(x, g), 0.0)
-            if mu != 0:
-                v = buf[sl].view_as(x)
-                if first:
-                    v.copy_(d)
-                else:
-                    v.copy_(torch.where(ok, v * mu + d * (1 - damp), v))
-                d = d + v * mu if group["nesterov"] else v
-            xi = d * -lr
-            if not euclidean:
-                xi = xi * self._radius_cap(xi, pom, b, group["radius"])
-            x.copy_(torch.where(ok, manifold.retract(x, xi), x))
-            if mu != 0:
-                v.copy_(manifold.transport(x, v))
+    def _plain_step(self, group: dict, params: list[Tensor]) -> None:
+        grads = [p.grad for p in params]
+        bufs = [self.state[p].get("momentum_buffer") for p in params]
+        _torch_sgd(
+            params,
+            grads,
+            bufs,
+            has_sparse_grad=any(g.is_sparse for g in grads),
+            foreach=group["foreach"],
+            weight_decay=group["weight_decay"],
+            momentum=group["momentum"],
+            lr=group["lr"],
+            dampening=group["dampening"],
+            nesterov=group["nesterov"],
+            maximize=group["maximize"],
+        )
+        if group["momentum"] != 0:
+            for p, buf in zip(params, bufs):
+                self.state[p]["momentum_buffer"] = buf
 
-    @staticmethod
-    def _finite_groups(g: Tensor, pom, b, mode: str) -> Tensor:
-        """(n, 1, 1) mask of components whose whole group has a finite gradient."""
-        ok = torch.isfinite(g).all(-1).all(-1)
-        if len(b.group_sizes) != b.count:  # several components per group: any bad spoils all
-            gid = pom.group_id[pom.bucket_units(b)]
-            bad = torch.zeros(len(b.group_sizes), device=g.device).index_add_(0, gid, (~ok).float())
-            ok = bad[gid] == 0
-        if mode == "raise" and not bool(ok.all()):
-            raise FloatingPointError(f"non-finite gradient in {pom.layout.options['name']!r}")
-        return ok.view(-1, 1, 1)
+    def _manifold_step(self, gi: int, group: dict, params: list[ComponentParameter]) -> None:
+        mu = group["momentum"]
+        first = {}
+        flat = {}  # id(p) -> (x storage, grad, momentum or None)
+        for p in params:
+            state = self.state[p]
+            low = p.dtype in _LOW_PRECISION
+            if low:
+                master = state.get("master")
+                if master is None or self._written.get(id(p), p._version) != p._version:
+                    master = state["master"] = p.detach().float().clone()
+                x = master
+            else:
+                x = p.data
+            buf = state.get("momentum_buffer")
+            first[id(p)] = buf is None
+            if mu != 0 and buf is None:
+                buf = state["momentum_buffer"] = torch.zeros_like(x, memory_format=torch.contiguous_format)
+            g = p.grad.reshape(-1)
+            if g.dtype != x.dtype:
+                g = g.to(x.dtype)
+            flat[id(p)] = (x, g, buf if mu != 0 else None)
+        key = (gi, tuple(id(p) for p in params))
+        jobs = self._plans.get(key)
+        if jobs is None:
+            jobs = self._plans[key] = _plan(params, self._chunk, self._batched)
+        hyper = _Hyper(group)
+        for job in jobs:
+            job.run(flat, first, hyper)
+        for p in params:
+            if p.dtype in _LOW_PRECISION:
+                p.copy_(self.state[p]["master"])
+                self._written[id(p)] = p._version
 
-    @staticmethod
-    def _radius_cap(xi: Tensor, pom, b, radius: float) -> Tensor:
-        """(n, 1, 1) factor min(1, δ·‖ω_g‖/‖ξ_g‖) of each component's group."""
-        sq = xi.square().sum((-2, -1))
-        per_comp = 1.0 if b.manifold == "sp" else float(b.cols)  # ‖ω_c‖²_F on sp, ob, st
-        if len(b.group_sizes) != b.count:
-            gid = pom.group_id[pom.bucket_units(b)]
-            sq_g = torch.zeros(len(b.group_sizes), device=xi.device, dtype=sq.dtype).index_add_(0, gid, sq)
-            n_g = torch.bincount(gid, minlength=len(b.group_sizes)).to(sq.dtype)
-            f = (radius * (n_g * per_comp).sqrt() / sq_g.sqrt().clamp_min(1e-30)).clamp(max=1.0)[gid]
+
+def _refuse_sharded(params: Iterable[Tensor]) -> None:
+    """FSDP (``fully_shard`` DTensors, FSDP1 flat parameters and their views) is refused.
+
+    A sphere, oblique or Stiefel component needs its whole block for the tangent projection and
+    the retraction; a shard of the flat ω stepped on its own would leave the manifold.
+    """
+    for p in params:
+        dtensor = type(p).__name__ == "DTensor" or "DTensor" in (c.__name__ for c in type(p).__mro__)
+        if dtensor or getattr(p, "_fsdp_flattened", False) or type(p).__name__ == "FlatParameter":
+            raise TypeError(
+                "FGSGD does not support FSDP-sharded parameters (FSDP, fully_shard): a Stiefel, "
+                "sphere or oblique component needs its whole block for its retraction, and a shard "
+                "stepped alone leaves the manifold. Use DistributedDataParallel (every rank holds "
+                "whole layers); see docs/scaling.md."
+            )
+
+
+def _check_finite(params: list[ComponentParameter]) -> None:
+    flags = torch.stack([torch.isfinite(p.grad).all() for p in params])
+    if not bool(flags.all()):
+        bad = [p.pom.layout.options.get("name", "?") for p, f in zip(params, flags.tolist()) if not f]
+        raise FloatingPointError(f"FGSGD: non-finite gradient in converted layer(s) {bad}")
+
+
+# -- keeping fp32 masters in fp32 through load_state_dict --------------------------------------
+def _keep_fp32_pre(opt: FGSGD, state_dict: dict):
+    """torch casts every floating state tensor to its parameter's dtype on load; remember the
+    fp32 masters and momenta of low-precision parameters so that the post hook restores them."""
+    keep = {}
+    for pid, st in state_dict.get("state", {}).items():
+        if isinstance(st, dict) and "master" in st:
+            keep[pid] = {k: st[k] for k in ("master", "momentum_buffer") if isinstance(st.get(k), Tensor)}
+    ids = [pid for g in state_dict.get("param_groups", []) for pid in g["params"]]
+    opt._fp32_state = {"keep": keep, "ids": ids} if keep else {}
+
+
+def _keep_fp32_post(opt: FGSGD):
+    saved, opt._fp32_state = opt._fp32_state, {}
+    opt._written, opt._plans = {}, {}
+    if not saved:
+        return
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for pid, p in zip(saved["ids"], params):  # torch maps saved ids to params in this order
+        for k, v in saved["keep"].get(pid, {}).items():
+            opt.state[p][k] = v.detach().to(device=p.device, dtype=torch.float32, copy=True)
+
+
+# -- plans: buckets of all layers cut and merged into jobs ------------------------------------
+class _Hyper:
+    __slots__ = ("lr", "mu", "damp", "nesterov", "maximize", "wd", "radius")
+
+    def __init__(self, group: dict):
+        self.lr = group["lr"]
+        self.mu = group["momentum"]
+        self.damp = group["dampening"]
+        self.nesterov = group["nesterov"]
+        self.maximize = group["maximize"]
+        self.wd = group["weight_decay"]
+        self.radius = group["radius"]
+
+
+def _plan(params: list[ComponentParameter], chunk: int, batched: bool | None) -> list:
+    """The jobs of one step. Chunked (CPU): one :class:`_KernelJob` per kernel layer, cut into
+    chunks of ~``chunk`` elements; block buckets cut at group boundaries into such chunks, small
+    ones merged by kind (manifold, shape, dtype, device) into :class:`_Job` s. Batched (CUDA):
+    fewest kernel launches: one job for all kernel layers of a shape, one per kind of block."""
+    kinds: dict = {}
+    kernels: dict = {}
+    jobs: list = []
+    for p in params:
+        pom = p.pom
+        cuda = p.device.type != "cpu" if batched is None else batched
+        if pom.layout.kernel:
+            key = (pom._shape, p.dtype, p.device) if cuda else id(p)
+            kernels.setdefault(key, []).append(p)
+            continue
+        for b in pom.layout.buckets:
+            if b.count == 0:
+                continue
+            per = b.rows * b.cols
+            ends = np.cumsum(b.group_sizes)
+            if cuda or b.numel <= chunk:
+                cuts = [0, b.count]
+            else:  # group boundaries closest to multiples of the chunk
+                want = np.arange(chunk // per, b.count, max(1, chunk // per))
+                at = np.unique(np.clip(np.searchsorted(ends, want), 0, len(ends) - 1))
+                cuts = sorted({0, b.count, *(int(ends[i]) for i in at)})
+            unit0 = pom.bucket_units(b).start
+            for c0, c1 in zip(cuts[:-1], cuts[1:]):
+                if c1 > c0:
+                    kind = (b.manifold, b.rows, b.cols, cuda, p.dtype, p.device)
+                    kinds.setdefault(kind, []).append(_Segment(p, b, c0, c1, unit0))
+    for ps in kernels.values():
+        cuda = ps[0].device.type != "cpu" if batched is None else batched
+        jobs.append(_KernelJob(ps, chunk, cuda))
+    for kind, segs in kinds.items():
+        cuda = kind[3]
+        cur, size = [], 0
+        for seg in segs:
+            if cur and not cuda and size + seg.numel > chunk:
+                jobs.append(_Job(kind, cur))
+                cur, size = [], 0
+            cur.append(seg)
+            size += seg.numel
+        if cur:
+            jobs.append(_Job(kind, cur))
+    return jobs
+
+
+class _Segment:
+    """Components ``[c0, c1)`` of bucket ``b`` of parameter ``p``."""
+
+    __slots__ = ("p", "b", "c0", "c1", "start", "stop", "u0", "u1", "gid", "ng", "sizes")
+
+    def __init__(self, p: ComponentParameter, b, c0: int, c1: int, unit0: int):
+        self.p, self.b, self.c0, self.c1 = p, b, c0, c1
+        per = b.rows * b.cols
+        self.start, self.stop = b.offset + c0 * per, b.offset + c1 * per
+        if p.pom.layout.kernel:  # storage units are whole kernels
+            self.u0, self.u1 = unit0 + c0, unit0 + c1
+        else:  # storage units are elements
+            self.u0, self.u1 = unit0 + c0 * per, unit0 + c1 * per
+        ends = np.cumsum(b.group_sizes)
+        g0 = int(np.searchsorted(ends, c0, side="right"))
+        g1 = int(np.searchsorted(ends, c1 - 1, side="right")) + 1
+        starts = np.concatenate([[0], ends[:-1]])
+        sizes = np.minimum(ends[g0:g1], c1) - np.maximum(starts[g0:g1], c0)
+        self.sizes = sizes
+        self.ng = g1 - g0
+        self.gid = None if self.ng == c1 - c0 else np.repeat(np.arange(self.ng), sizes)
+
+    @property
+    def numel(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def count(self) -> int:
+        return self.c1 - self.c0
+
+
+class _Job:
+    """Segments of one kind, stepped together (concatenated when there are several)."""
+
+    def __init__(self, kind: tuple, segs: list[_Segment]):
+        self.manifold, self.rows, self.cols, self.cuda, _, device = kind
+        self.kernel = False
+        self.segs = segs
+        self.n = sum(s.count for s in segs)
+        self.small = self.rows <= _SMALL_ROWS and self.cols <= _SMALL_COLS and not self.cuda
+        # groups: ids local to the job, and Σ_c ‖ω_c‖²_F of each group
+        sizes = np.concatenate([s.sizes for s in segs])
+        per_comp = 1.0 if self.manifold == "sp" else float(self.cols)
+        self.ng = len(sizes)
+        self.gid = None
+        if self.ng != self.n:
+            self.gid = torch.as_tensor(np.repeat(np.arange(self.ng), sizes), device=device)
+        self.norm_g = torch.as_tensor(np.sqrt(sizes * per_comp), dtype=torch.float64, device=device)
+        self._scale_key = None
+        self._scale = None
+
+    def _cat(self, tensors: list[Tensor]) -> Tensor:
+        a, b = self.rows, self.cols
+        if len(tensors) == 1:
+            return tensors[0].view(-1, a, b)
+        return torch.cat(tensors).view(-1, a, b)
+
+    def scales(self) -> Tensor:
+        """s = 1/R²: (n,) per component (kernels) or (n, A, B) per element (blocks); cached."""
+        key = tuple(s.p.pom._scale_key() for s in self.segs)
+        if key != self._scale_key:
+            parts = [s.p.pom.lr_scale()[s.u0 : s.u1] for s in self.segs]
+            s = parts[0] if len(parts) == 1 else torch.cat(parts)
+            self._scale = s if self.kernel else s.view(-1, self.rows, self.cols)
+            self._scale_key = key
+        return self._scale
+
+    def run(self, flat: dict, first: dict, hy: _Hyper) -> None:
+        segs = self.segs
+        xs = [flat[id(s.p)][0][s.start : s.stop] for s in segs]
+        gs = [flat[id(s.p)][1][s.start : s.stop] for s in segs]
+        momentum = hy.mu != 0
+        vs = [flat[id(s.p)][2][s.start : s.stop] for s in segs] if momentum else None
+        x, g = self._cat(xs), self._cat(gs)
+        v = self._cat(vs) if momentum else None
+        firsts = [first[id(s.p)] for s in segs]
+        if all(firsts) or not any(firsts):
+            k_first = firsts[0]
         else:
-            f = (radius * per_comp**0.5 / sq.sqrt().clamp_min(1e-30)).clamp(max=1.0)
-        return f.view(-1, 1, 1)
+            k_first = torch.cat([torch.full((s.count,), f, device=x.device) for s, f in zip(segs, firsts)])
+        s = self.scales()
+        if s.dtype != x.dtype:
+            s = s.to(x.dtype)
+        _update(self, x, g, v, s, k_first, hy)
+        if len(segs) > 1:
+            for dst, src in zip(xs, x.view(-1).split([t.numel() for t in xs])):
+                dst.copy_(src)
+            if momentum:
+                for dst, src in zip(vs, v.view(-1).split([t.numel() for t in vs])):
+                    dst.copy_(src)
+
+
+# -- kernel layers: structure-of-arrays components of every manifold, side by side ---------------
+class _Workspace:
+    """Temporaries kept from step to step: fresh large allocations page-fault on every step, and
+    on CPU that costs more than the arithmetic done in them."""
+
+    def __init__(self):
+        self._t: dict = {}
+
+    def get(self, name: str, shape: tuple, like: Tensor) -> Tensor:
+        t = self._t.get(name)
+        if t is None or t.shape != shape or t.dtype != like.dtype or t.device != like.device:
+            t = self._t[name] = like.new_empty(shape)
+        return t
+
+
+class _KernelJob:
+    """One kernel layer: ω is ``(A, B, N)`` (see :class:`pomfx.parametrization.POM`), its
+    components of all manifolds interleaved in weight order. Every operation is a small-matrix
+    one written as elementwise ops over the contiguous N axis, with per-component masks choosing
+    the manifold's formula (sphere, oblique, Stiefel and Euclidean share one skeleton: the normal
+    part of a vector Y is ``ω·C(ωᵀY)`` and the retraction is ``(ω+ξ)·R⁻¹``, for a per-manifold C
+    and triangular R). Groups are scattered over N, so the step has two phases over chunks: the
+    momentum and the norms, then (after the per-group step size) retraction and transport."""
+
+    def __init__(self, params: list[ComponentParameter], chunk: int, batched: bool):
+        poms = [p.pom for p in params]
+        self.params = params
+        self.a, self.b = poms[0]._shape
+        self.sizes = [int(pom.comp_type.numel()) for pom in poms]
+        self.n = sum(self.sizes)
+        self.cuda = batched  # batched: one chunk, no host sync, batched small-matrix ops
+        types = torch.cat([pom.comp_type for pom in poms]) if len(poms) > 1 else poms[0].comp_type
+        present = set(torch.unique(types).tolist())
+        self.has = {name: code in present for name, code in _TYPE_CODE.items()}
+        self.full = self.has["st"]  # Stiefel components need full B×B products
+        self.constrained = any(self.has[k] for k in ("sp", "ob", "st"))
+        self.types = types
+        ngs = [int(pom.group_norm2.numel()) for pom in poms]
+        self.ng = sum(ngs)
+        offsets = np.cumsum([0, *ngs[:-1]])
+        gid = [pom.comp_group + int(o) for pom, o in zip(poms, offsets)]
+        self.gid = None if self.ng == self.n else (torch.cat(gid) if len(gid) > 1 else gid[0])
+        norm2 = torch.cat([pom.group_norm2 for pom in poms])
+        self.norm_g = norm2.double().sqrt()  # exact: the norms² are integers
+        self._norm_g: dict = {}
+        self._scale_key, self._scale = None, None
+        step = self.n if self.cuda else max(1, chunk // (self.a * self.b))
+        self.chunks = [(i, min(i + step, self.n)) for i in range(0, self.n, step)]
+        self.nc = min(step, self.n)
+        self.ws = _Workspace()
+        self.m: dict = {}  # the current chunk's float masks (see _masks)
+
+    def _masks(self, i: int, j: int, like: Tensor) -> None:
+        """Float masks of components [i, j) into a workspace: ``sp``, ``ob``, ``st``, ``euc``
+        (None for a manifold the layer does not use), ``st/2`` and ``not st``."""
+        nc, ws = j - i, self.ws
+        codes = self.ws.get("codes", (4, 1), self.types)
+        codes.copy_(torch.arange(4, device=self.types.device).view(4, 1))
+        hit = torch.eq(
+            self.types[i:j].unsqueeze(0), codes, out=ws.get("hit", (4, self.nc), codes.bool())[:, :nc]
+        )
+        m = ws.get("masks", (6, self.nc), like)[:, :nc]
+        m[:4].copy_(hit)
+        torch.mul(m[2], 0.5, out=m[4])
+        m[5].fill_(1.0).sub_(m[2])
+        self.m = {name: (m[code] if self.has[name] else None) for name, code in _TYPE_CODE.items()}
+        self.m["st/2"], self.m["not st"] = m[4], m[5]
+
+    def group_sum(self, t: Tensor) -> Tensor:
+        return torch.zeros(self.ng, dtype=t.dtype, device=t.device).index_add_(0, self.gid, t)
+
+    def scales(self) -> Tensor:
+        """1/R² of every component (cached until a layer's scales change)."""
+        key = tuple(p.pom._scale_key() for p in self.params)
+        if key != self._scale_key:
+            parts = [p.pom.lr_scale() for p in self.params]
+            self._scale = torch.cat(parts) if len(parts) > 1 else parts[0]
+            self._scale_key = key
+        return self._scale
+
+    def run(self, flat: dict, first: dict, hy: _Hyper) -> None:
+        a, b, n = self.a, self.b, self.n
+        parts = [flat[id(p)] for p in self.params]
+        if len(parts) == 1:
+            xf, gf, vf = parts[0]
+            X, G = xf.view(a, b, n), gf.view(a, b, n)
+            V = vf.view(a, b, n) if vf is not None else None
+        else:  # several layers side by side along N
+            X = torch.cat([x.view(a, b, -1) for x, _, _ in parts], 2)
+            G = torch.cat([g.view(a, b, -1) for _, g, _ in parts], 2)
+            V = torch.cat([v.view(a, b, -1) for _, _, v in parts], 2) if parts[0][2] is not None else None
+        self._run(X, G, V, first, hy)
+        if len(parts) > 1:
+            dst = [x for x, _, _ in parts] + ([v for _, _, v in parts] if V is not None else [])
+            src = list(X.split(self.sizes, 2)) + (list(V.split(self.sizes, 2)) if V is not None else [])
+            for d, s_ in zip(dst, src):
+                d.view(a, b, -1).copy_(s_)
+
+    def _run(self, X: Tensor, G: Tensor, V: Tensor | None, first: dict, hy: _Hyper) -> None:
+        a, b, n = self.a, self.b, self.n
+        dt = X.dtype
+        ws = self.ws
+        mu, nesterov = hy.mu, hy.nesterov
+        s = self.scales()
+        if s.dtype != dt:
+            s = s.to(dt)
+        # non-finite gradients: one reduction, then whole groups
+        gsum = torch.sum(G, (0, 1), out=ws.get("n1", (n,), X))
+        fin = torch.isfinite(gsum)
+        ok = fin if self.gid is None else self.group_sum((~fin).to(torch.int32))[self.gid] == 0
+        if not self.cuda and bool(ok.all()):
+            ok = None
+        okf = None
+        if ok is not None:
+            G = torch.nan_to_num(G, nan=0.0, posinf=0.0, neginf=0.0)
+            okf = ok.to(dt)
+        sign = -1.0 if hy.maximize else 1.0
+        firsts = [first[id(p)] for p in self.params]
+        k = 1.0 if mu == 0 or nesterov or all(firsts) else 1.0 - hy.damp
+        if any(firsts) and not all(firsts) and mu != 0 and not nesterov and hy.damp:  # mixed
+            k = torch.cat([torch.full((m,), 1.0 if f else 1.0 - hy.damp, dtype=dt, device=X.device)
+                           for m, f in zip(self.sizes, firsts)])  # fmt: skip
+        cg = torch.mul(s, sign * k, out=ws.get("cg", (n,), X))
+        if okf is not None:
+            cg.mul_(okf)
+        mu_eff = mu if ok is None else torch.where(ok, torch.full_like(okf, mu), 1.0)
+        wd_euc = None
+        if hy.wd and self.has["euc"]:
+            wd_euc = hy.wd * k if okf is None else okf * (hy.wd * k)  # times the euc mask, per chunk
+        U = V if (mu != 0 and not nesterov) else ws.get("U", X.shape, X)
+        q = ws.get("q", (n,), X)
+        uu = ws.get("uu", (a, b, self.nc), X)
+
+        # phase A: u = momentum (or d), and ‖u_c‖²
+        for i, j in self.chunks:
+            Xc, Gc, Uc = X[..., i:j], G[..., i:j], U[..., i:j]
+            cgc = cg[i:j]
+            self._masks(i, j, X)
+            Cm = self._normal(Xc, Gc, i, j, dt, cgc)  # (B, B, n), or (B, n) for a diagonal C
+            if U is V:
+                Uc.mul_(mu_eff if isinstance(mu_eff, float) else mu_eff[i:j])
+                Uc.addcmul_(Gc, cgc)
+            else:
+                torch.mul(Gc, cgc, out=Uc)
+            if Cm is not None:
+                self._sub_normal_(Uc, Xc, Cm)
+            if wd_euc is not None:
+                w = self.m["euc"] * (wd_euc if isinstance(wd_euc, float) else wd_euc[i:j])
+                Uc.addcmul_(Xc, w)
+            if nesterov:
+                Vc = V[..., i:j]
+                Vc.mul_(mu_eff if isinstance(mu_eff, float) else mu_eff[i:j]).add_(Uc)
+                Uc.add_(Vc, alpha=mu)
+            u2 = torch.mul(Uc, Uc, out=uu[..., : j - i])
+            torch.sum(u2, (0, 1), out=q[i:j])
+
+        # the step size of each group: lr·min(1, δ‖ω_g‖ / (lr‖u_g‖)); Euclidean components: lr
+        lr = hy.lr
+        qg = q if self.gid is None else self.group_sum(q)
+        norm_g = self._norm_g.get(dt)
+        if norm_g is None:
+            norm_g = self._norm_g[dt] = self.norm_g.to(dt)
+        f = qg.sqrt().mul_(lr).clamp_min_(1e-30).reciprocal_().mul_(norm_g).mul_(hy.radius)
+        f.clamp_(max=1.0)
+        if self.gid is not None:
+            f = f[self.gid]
+        if self.has["euc"]:
+            f = torch.where(self.types == _TYPE_CODE["euc"], 1.0, f)
+        h = f.mul_(lr) if isinstance(lr, float) else f * lr
+        if okf is not None:
+            h = h * okf
+        twice = self.full and (self.cuda or bool(((h * h) * q).max() > _RESTEP))
+
+        # phase B: retraction, then transport of the momentum
+        for i, j in self.chunks:
+            Xc, Uc = X[..., i:j], U[..., i:j]
+            self._masks(i, j, X)
+            Xc.addcmul_(Uc, h[i:j], value=-1.0)
+            if self.constrained:
+                for _ in range(2 if twice else 1):
+                    self._normalize_(Xc, i, j, None if ok is None else ok[i:j], dt)
+            if mu != 0 and self.constrained:
+                Vc = V[..., i:j]
+                Cm = self._normal(Xc, Vc, i, j, dt, None if okf is None else okf[i:j])
+                self._sub_normal_(Vc, Xc, Cm)
+
+    # -- the per-manifold pieces, masked ---------------------------------------------------------
+    def _normal(self, X: Tensor, Y: Tensor, i: int, j: int, dt, coef: Tensor | None = None) -> Tensor | None:
+        """C with ``ω·C`` the normal part of Y at ω: sym(ωᵀY) on st, ddiag(ωᵀY) on ob,
+        tr(ωᵀY)·I on sp, 0 on euc; times ``coef`` (n,) if given. (B, B, n), or its diagonal
+        (B, n) when there is no st."""
+        if not self.constrained:
+            return None
+        nc, b, ws = j - i, self.b, self.ws
+        if self.full:
+            M = _soa_tmm(X, Y, ws.get("M", (b, b, self.nc), X)[..., :nc], self.cuda)
+            C = torch.add(M, M.transpose(0, 1), out=ws.get("C", (b, b, self.nc), X)[..., :nc])
+            C.mul_(self.m["st/2"] if coef is None else self.m["st/2"] * coef)
+            d = self._typed_diag(M.diagonal(0, 0, 1).t(), i, j, dt)  # (B, n)
+            C.diagonal(0, 0, 1).t().add_(d if coef is None else d.mul_(coef))
+            return C
+        xy = torch.mul(X, Y, out=ws.get("uu", (self.a, b, self.nc), X)[..., :nc])
+        d = torch.sum(xy, 0, out=ws.get("d", (b, self.nc), X)[:, :nc])  # (B, n): diag(ωᵀY)
+        d = self._typed_diag(d, i, j, dt)
+        return d if coef is None else d.mul_(coef)
+
+    def _typed_diag(self, d: Tensor, i: int, j: int, dt) -> Tensor:
+        """ob: d; sp: tr = Σ d on every diagonal entry; others 0. (B, n), in a workspace."""
+        nc, ws = j - i, self.ws
+        out = ws.get("cd", (self.b, self.nc), d)[:, :nc]
+        m_sp, m_ob = self.m["sp"], self.m["ob"]
+        if m_ob is not None:
+            torch.mul(d, m_ob, out=out)
+        else:
+            out.zero_()
+        if m_sp is not None:
+            tr = torch.sum(d, 0, keepdim=True, out=ws.get("tr", (1, self.nc), d)[:, :nc])
+            out.add_(tr.mul_(m_sp))
+        return out
+
+    def _sub_normal_(self, V: Tensor, X: Tensor, C: Tensor) -> None:
+        if C.dim() == 2:
+            V.addcmul_(X, C.unsqueeze(0), value=-1.0)
+        else:
+            _soa_sub_mm_(V, X, C, self.cuda)
+
+    def _typed_norm_(self, d: Tensor, out: Tensor, i: int, j: int, dt, inverse: bool) -> Tensor:
+        """(Inverse) norms into ``out`` (B, n) from the column norms² ``d``: per column on ob, the
+        Frobenius norm on sp, 1 on euc, 0 on st. Arguments are clamped so that every branch is
+        finite before the masks multiply it."""
+        fn = torch.rsqrt if inverse else torch.sqrt
+        m_sp, m_ob, m_euc = self.m["sp"], self.m["ob"], self.m["euc"]
+        tiny = torch.finfo(dt).tiny
+        if m_ob is not None:
+            torch.clamp(d, min=tiny, out=out)
+            fn(out, out=out).mul_(m_ob)
+        else:
+            out.zero_()
+        if m_sp is not None:
+            tr = torch.sum(d, 0, keepdim=True, out=self.ws.get("tr", (1, self.nc), d)[:, : j - i])
+            out.add_(fn(tr.clamp_min_(tiny), out=tr).mul_(m_sp))
+        if m_euc is not None:
+            out.add_(m_euc)
+        return out
+
+    def _normalize_(self, Y: Tensor, i: int, j: int, ok: Tensor | None, dt) -> None:
+        """Y ← Y·R⁻¹: R = chol(YᵀY) on st, diag of column norms on ob, ‖Y‖_F·I on sp, I on euc;
+        components with ``ok`` False are left exactly as they are."""
+        nc, b, ws = j - i, self.b, self.ws
+        if not self.full:
+            yy = torch.mul(Y, Y, out=ws.get("uu", (self.a, b, self.nc), Y)[..., :nc])
+            d = torch.sum(yy, 0, out=ws.get("d", (b, self.nc), Y)[:, :nc])  # column norms²
+            inv = self._typed_norm_(d, ws.get("nrm", (b, self.nc), Y)[:, :nc], i, j, dt, True)
+            if ok is not None:
+                inv = torch.where(ok, inv, 1.0)
+            Y.mul_(inv.unsqueeze(0))
+            return
+        P = _soa_tmm(Y, Y, ws.get("M", (b, b, self.nc), Y)[..., :nc], self.cuda)
+        Pd = P.diagonal(0, 0, 1).t()
+        norm = self._typed_norm_(Pd, ws.get("nrm", (b, self.nc), Y)[:, :nc], i, j, dt, False)
+        P.mul_(self.m["st"])  # identity outside st: its Cholesky factor is I
+        Pd.add_(self.m["not st"])
+        if self.cuda:
+            R = torch.linalg.cholesky_ex(P.permute(2, 0, 1), upper=True)[0].permute(1, 2, 0)
+        else:
+            R = _soa_chol_(P, ws.get("C", (b, b, self.nc), Y)[..., :nc], ws.get("d", (b, self.nc), Y)[:, :nc])
+        Rd = R.diagonal(0, 0, 1).t()
+        Rd.mul_(self.m["st"]).add_(norm)
+        if ok is not None:
+            R = torch.where(ok, R, torch.eye(b, dtype=dt, device=Y.device).unsqueeze(-1))
+        if self.cuda:  # one batched triangular solve
+            q = torch.linalg.solve_triangular(R.permute(2, 0, 1), Y.permute(2, 0, 1), upper=True, left=False)
+            Y.copy_(q.permute(1, 2, 0))
+            return
+        for col in range(b):  # forward substitution on the columns: q_j = (y_j − Σ_k<j r_kj q_k) / r_jj
+            yj = Y[:, col]
+            for kk in range(col):
+                yj.addcmul_(Y[:, kk], R[kk, col], value=-1.0)
+            yj.div_(R[col, col])
+
+
+def _soa_tmm(X: Tensor, Y: Tensor, out: Tensor, batched: bool = False) -> Tensor:
+    """XᵀY per component for (A, B, n) X and Y, into ``out`` (B, B, n) (batched: one bmm, as a
+    permuted view)."""
+    if batched:
+        return torch.bmm(X.permute(2, 1, 0), Y.permute(2, 0, 1)).permute(1, 2, 0)
+    torch.mul(X[0].unsqueeze(1), Y[0].unsqueeze(0), out=out)
+    for r in range(1, X.shape[0]):
+        out.addcmul_(X[r].unsqueeze(1), Y[r].unsqueeze(0))
+    return out
+
+
+def _soa_sub_mm_(V: Tensor, X: Tensor, C: Tensor, batched: bool = False) -> None:
+    """V −= X·C per component: (A, B, n) V and X, (B, B, n) C."""
+    if batched:
+        V.sub_(torch.bmm(X.permute(2, 0, 1), C.permute(2, 0, 1)).permute(1, 2, 0))
+        return
+    for r in range(X.shape[1]):
+        V.addcmul_(X[:, r].unsqueeze(1), C[r].unsqueeze(0), value=-1.0)
+
+
+def _soa_chol_(P: Tensor, R: Tensor, d: Tensor) -> Tensor:
+    """Upper Cholesky factor R (P = RᵀR, positive diagonal) per component of (B, B, n) P, into
+    ``R``; ``d`` is a (B, n) workspace."""
+    b = P.shape[0]
+    R.zero_()
+    tiny = torch.finfo(P.dtype).tiny
+    for j in range(b):
+        dj = d[: b - j]
+        dj.copy_(P[j, j:])
+        for k in range(j):
+            dj.addcmul_(R[k, j].unsqueeze(0), R[k, j:], value=-1.0)
+        torch.clamp(dj[0], min=tiny, out=R[j, j]).sqrt_()
+        if j + 1 < b:
+            torch.div(dj[1:], R[j, j], out=R[j, j + 1 :])
+    return R
+
+
+# -- the arithmetic of one job ------------------------------------------------------------------
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """Per-component inner products of (n, A, B) tensors: (n,)."""
+    n = a.shape[0]
+    return torch.bmm(a.reshape(n, 1, -1), b.reshape(n, -1, 1)).view(n)
+
+
+def _coldot(a: Tensor, b: Tensor, small: bool) -> Tensor:
+    """Per-column inner products of (n, A, B) tensors: (n, B)."""
+    if small:
+        out = a[:, 0] * b[:, 0]
+        for i in range(1, a.shape[1]):
+            out.addcmul_(a[:, i], b[:, i])
+        return out
+    return torch.einsum("nab,nab->nb", a, b)
+
+
+def _tmm(a: Tensor, b: Tensor, small: bool) -> Tensor:
+    """aᵀb per component: (n, B, B)."""
+    if small:
+        out = a[:, 0, :, None] * b[:, 0, None, :]
+        for i in range(1, a.shape[1]):
+            out.addcmul_(a[:, i, :, None], b[:, i, None, :])
+        return out
+    return torch.bmm(a.transpose(1, 2), b)
+
+
+def _sub_mm_(v: Tensor, a: Tensor, c: Tensor, small: bool) -> None:
+    """v -= a @ c, in place, for (n, A, B) v and a and (n, B, B) c."""
+    if small:
+        for j in range(a.shape[2]):
+            v.addcmul_(a[:, :, j, None], c[:, None, j, :], value=-1.0)
+    else:
+        v.baddbmm_(a, c, alpha=-1.0)
+
+
+def _sym(a: Tensor) -> Tensor:
+    return (a + a.transpose(1, 2)).mul_(0.5)
+
+
+def _chol_qr_small_(y: Tensor, ok: Tensor | None) -> None:
+    """y ← Q of y = QR (R upper, positive diagonal), in place, by Cholesky-QR in tensor ops.
+
+    ``ok`` (n,) bool: components where it is False are left exactly as they are.
+    """
+    n, _, b = y.shape
+    m = _tmm(y, y, True)
+    r = torch.zeros_like(m)
+    for j in range(b):
+        d = m[:, j, j:] - (r[:, :j, j, None] * r[:, :j, j:]).sum(1) if j else m[:, j, j:]
+        rjj = d[:, 0].clamp_min(torch.finfo(y.dtype).tiny).sqrt()
+        r[:, j, j] = rjj
+        if j + 1 < b:
+            r[:, j, j + 1 :] = d[:, 1:] / rjj[:, None]
+    if ok is not None:
+        eye = torch.eye(b, dtype=y.dtype, device=y.device)
+        r = torch.where(ok.view(n, 1, 1), r, eye)
+    for j in range(b):  # forward substitution on the columns: q_j = (y_j - Σ_k<j r_kj q_k) / r_jj
+        col = y[:, :, j]
+        for k in range(j):
+            col.addcmul_(y[:, :, k], r[:, k, j, None], value=-1.0)
+        col.div_(r[:, j, j, None])
+
+
+def _chol_qr_(y: Tensor, ok: Tensor | None, small: bool, twice: bool) -> None:
+    if small:
+        _chol_qr_small_(y, ok)
+        if twice:
+            _chol_qr_small_(y, ok)
+        return
+    q = y
+    for _ in range(2):  # Cholesky-QR2: y = x + ξ, ξ tangent, is well conditioned
+        r = torch.linalg.cholesky_ex(q.transpose(1, 2) @ q, upper=True)[0]
+        q = torch.linalg.solve_triangular(r, q, upper=True, left=False)
+    y.copy_(q if ok is None else torch.where(ok.view(-1, 1, 1), q, y))
+
+
+def _update(job: _Job, x: Tensor, g: Tensor, v: Tensor | None, s: Tensor, first, hy: _Hyper) -> None:
+    """One FG-SGD step of the (n, A, B) components ``x`` with raw gradient ``g``, momentum ``v``
+    and scales ``s``, in place on x and v. See the module docstring for the formulas."""
+    man, small, n = job.manifold, job.small, x.shape[0]
+    b = x.shape[2]
+    if s.dim() == 3:  # blocks: elementwise scales
+        g = g * s
+        sc = None
+    else:
+        sc = s
+    # 1. the normal part of the gradient, whose reduction also tells finite components
+    if man == "sp":
+        a = _dot(x, g)
+        fin = torch.isfinite(a)
+    elif man == "ob":
+        a = _coldot(x, g, small)
+        fin = torch.isfinite(a).all(1)
+    elif man == "st":
+        a = _tmm(x, g, small)
+        fin = torch.isfinite(a).view(n, -1).all(1)
+    else:
+        a = None
+        fin = torch.isfinite(g).view(n, -1).all(1)
+    if job.gid is not None:
+        bad = torch.zeros(job.ng, dtype=torch.int32, device=x.device).index_add_(0, job.gid, (~fin).int())
+        ok = bad[job.gid] == 0
+    else:
+        ok = fin
+    if not job.cuda and bool(ok.all()):
+        ok = None  # CPU: the check is free, and the arithmetic below needs no masks
+    if ok is not None:
+        g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+        if a is not None:
+            a = torch.where(ok.view((n,) + (1,) * (a.dim() - 1)), a, 0.0)
+        okf = ok.to(x.dtype)
+    # coefficient of the gradient in d (and in the momentum buffer)
+    mu = hy.mu
+    sign = -1.0 if hy.maximize else 1.0
+    k = 1.0 if mu == 0 or hy.nesterov else _damp_factor(first, hy.damp, x)
+    cg = sc * (sign * k) if sc is not None else sign * k  # scalar or (n,)
+    if ok is not None:
+        cg = cg * okf
+    cg3 = cg.view(n, 1, 1) if isinstance(cg, Tensor) else cg
+    cg1 = cg if isinstance(cg, Tensor) else torch.full((n,), cg, dtype=x.dtype, device=x.device)
+
+    def add_d(out: Tensor) -> None:
+        """out += k·d (out already holds k·s·g): subtract the normal part, add weight decay."""
+        if man == "sp":
+            out.addcmul_(x, (cg1 * a).view(n, 1, 1), value=-1.0)
+        elif man == "ob":
+            out.addcmul_(x, (cg1[:, None] * a).view(n, 1, b), value=-1.0)
+        elif man == "st":
+            _sub_mm_(out, x, _sym(a).mul_(cg1.view(n, 1, 1)), small)
+        elif hy.wd:
+            wd = hy.wd * (k if isinstance(k, float) else k.view(n, 1, 1))
+            if ok is not None:
+                wd = okf.view(n, 1, 1) * wd
+            if isinstance(wd, Tensor):
+                out.addcmul_(x, wd)
+            else:
+                out.add_(x, alpha=wd)
+
+    def mul_g(out: Tensor | None) -> Tensor:
+        if isinstance(cg3, Tensor):
+            return torch.mul(g, cg3) if out is None else out.addcmul_(g, cg3)
+        return torch.mul(g, cg3) if out is None else out.add_(g, alpha=cg3)
+
+    # 2. momentum
+    mu_eff = mu if ok is None else torch.where(ok, torch.full_like(okf, mu), 1.0).view(n, 1, 1)
+    if mu != 0 and not hy.nesterov:
+        v.mul_(mu_eff)
+        mul_g(v)
+        add_d(v)
+        u = v
+    else:
+        u = mul_g(None)
+        add_d(u)
+        if mu != 0:
+            v.mul_(mu_eff).add_(u)
+            u.add_(v, alpha=mu)
+    # 3. step size, retraction, transport
+    lr = hy.lr
+    if man == "euc":
+        h = lr if ok is None else okf.view(n, 1, 1) * lr
+        if isinstance(h, Tensor):
+            x.addcmul_(u, h, value=-1.0)
+        else:
+            x.add_(u, alpha=-h)
+        return
+    if man == "ob":
+        qc = _coldot(u, u, small)
+        q = qc.sum(1)
+    else:
+        q = _dot(u, u)
+    qg = (
+        q
+        if job.gid is None
+        else torch.zeros(job.ng, dtype=q.dtype, device=q.device).index_add_(0, job.gid, q)
+    )
+    f = (hy.radius * job.norm_g.to(q.dtype) / (qg.sqrt() * lr).clamp_min(1e-30)).clamp_(max=1.0)
+    if job.gid is not None:
+        f = f[job.gid]
+    h = f * lr
+    if ok is not None:
+        h = h * okf
+    x.addcmul_(u, h.view(n, 1, 1), value=-1.0)
+    transport = mu != 0
+    if man == "sp":
+        inv = _dot(x, x).rsqrt_()
+        if ok is not None:
+            inv = torch.where(ok, inv, 1.0)
+        x.mul_(inv.view(n, 1, 1))
+        if transport:  # v ← v − ⟨ω', v⟩ω'; for u = v: ⟨ω', v⟩ = −h‖v‖²/‖ω+ξ‖
+            t = -_dot(x, v) if hy.nesterov else h * q * inv
+            if ok is not None and hy.nesterov:
+                t = t * okf
+            v.addcmul_(x, t.view(n, 1, 1))
+    elif man == "ob":
+        inv = _coldot(x, x, small).rsqrt_()
+        if ok is not None:
+            inv = torch.where(ok.view(n, 1), inv, 1.0)
+        x.mul_(inv.view(n, 1, b))
+        if transport:
+            t = -_coldot(x, v, small) if hy.nesterov else h.view(n, 1) * qc * inv
+            if ok is not None and hy.nesterov:
+                t = t * okf.view(n, 1)
+            v.addcmul_(x, t.view(n, 1, b))
+    else:  # st
+        twice = job.cuda or bool(((h * h) * q).max() > _RESTEP)
+        _chol_qr_(x, ok, small, twice)
+        if transport:
+            c = _sym(_tmm(x, v, small))
+            if ok is not None:
+                c.mul_(okf.view(n, 1, 1))
+            _sub_mm_(v, x, c, small)
+
+
+def _damp_factor(first, damp: float, x: Tensor):
+    """1 − τ, except 1 on a parameter's first step (torch's SGD sets the buffer to d then)."""
+    if isinstance(first, Tensor):
+        return torch.full(first.shape, 1.0 - damp, dtype=x.dtype, device=x.device).masked_fill_(first, 1.0)
+    return 1.0 if first else 1.0 - damp

@@ -1,11 +1,10 @@
 """The POM parametrization: a layer's weight as ``W = R ⊙ ω`` with ω on a product of manifolds.
 
 ``ω`` is stored as one flat :class:`ComponentParameter` per layer (the ``original`` of a
-``torch.nn.utils.parametrize`` parametrization), cut into buckets of same-manifold, same-shape
-components (see :mod:`pomfx.layout`). The forward gathers the components into the weight's
-shape and multiplies by the scale buffer ``R`` (DESIGN §1, renormalization)::
+``torch.nn.utils.parametrize`` parametrization). The forward multiplies it by the scale buffer
+``R`` (DESIGN §1, renormalization)::
 
-    W[p, q, :] = R[p, q] · stored_units[index[p·Q + q]]        R[p, q] = κ · γ[p, q] / λ̂[c(p, q)]
+    W[p, q, :] = R[p, q] · ω_(p,q)        R[p, q] = κ · γ[p, q] / λ̂[c(p, q)]
 
 γ is the manifold's geometric scale (1 for sp, 1/√B for ob and st, 1 for euc), λ̂_c the std of
 input channel c relative to the layer's mean (committed by :func:`pomfx.update_scales`), and κ
@@ -13,12 +12,17 @@ the RMS Frobenius norm of the layer's components at conversion. κ is pomfx's re
 γ‖ω‖_F = 1 on every constrained manifold, κ keeps the converted layer at the scale of the
 user's own initialisation, which is what lets FG-SGD reproduce SGD's effective step (see
 :mod:`pomfx.optim`). ``renorm=False`` fixes R = 1 (the paper's ablation without stage (ii)).
+
+Storage (see :class:`POM`): kernel layouts keep ω in the weight's own order, structure of
+arrays, so that the forward is one multiply and no gather (a gather of 3×3 kernels costs ~30
+elementwise passes on CPU); block layouts keep the layout's bucket order and gather elements.
 """
 
 from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
@@ -63,61 +67,163 @@ def _rebuild_component(data: Tensor, requires_grad: bool, pom) -> ComponentParam
     return ComponentParameter(data, pom, requires_grad)
 
 
-class _Gather(torch.autograd.Function):
-    """Rows of x picked by a permutation; the backward is the inverse gather (no scatter-add)."""
+class _ScaleKernels(torch.autograd.Function):
+    """Kernel layouts: ``W[n] = R[n] · ω[:, :, n]`` (or its transpose), one multiply each way.
+
+    ω is stored structure-of-arrays, ``(A, B, N)`` with N = P·Q weight rows in the weight's own
+    order, so the forward needs no gather; the backward writes ∇ω in the same layout.
+    """
 
     @staticmethod
-    def forward(ctx, x: Tensor, index: Tensor, inverse: Tensor) -> Tensor:
-        ctx.save_for_backward(inverse)
-        return x.index_select(0, index)
+    def forward(ctx, omega: Tensor, scale: Tensor, a: int, b: int, transpose: bool) -> Tensor:
+        x = omega.view(a, b, -1)
+        n = x.shape[2]
+        xw = x.permute(2, 1, 0) if transpose else x.permute(2, 0, 1)  # (N, rows, cols) of W
+        s = scale.view(n, 1, 1)
+        if s.dtype != omega.dtype:
+            s = s.to(omega.dtype)
+        ctx.save_for_backward(s)
+        ctx.shape = (a, b, transpose)
+        if torch.compiler.is_compiling():  # out= does not fix the strides under tracing
+            return (xw * s).contiguous()
+        return torch.mul(xw, s, out=omega.new_empty(xw.shape))  # contiguous, in one pass
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        (inverse,) = ctx.saved_tensors
-        return g.index_select(0, inverse), None, None
+        (s,) = ctx.saved_tensors
+        a, b, transpose = ctx.shape
+        n = s.shape[0]
+        g = g.reshape(n, b, a) if transpose else g.reshape(n, a, b)
+        gx = g.permute(2, 1, 0) if transpose else g.permute(1, 2, 0)  # (A, B, N)
+        if torch.compiler.is_compiling():
+            return (gx * s.view(1, 1, n)).reshape(-1), None, None, None, None
+        out = g.new_empty(a, b, n)
+        torch.mul(gx, s.view(1, 1, n), out=out)
+        return out.view(-1), None, None, None, None
+
+
+class _GatherScale(torch.autograd.Function):
+    """Block layouts: ``W = R ⊙ stored[index]`` (element gather); the backward is the inverse
+    gather (a permutation: no scatter-add) times R in storage order."""
+
+    @staticmethod
+    def forward(ctx, omega: Tensor, index: Tensor, inverse: Tensor, scale: Tensor, scale_stored: Tensor):
+        ctx.save_for_backward(inverse, scale_stored)
+        w = omega.index_select(0, index)
+        return w.mul_(scale.view(-1))
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        inverse, scale_stored = ctx.saved_tensors
+        return g.reshape(-1).index_select(0, inverse).mul_(scale_stored), None, None, None, None
+
+
+_TYPE_CODE = {"sp": 0, "ob": 1, "st": 2, "euc": 3}
 
 
 class POM(nn.Module):
-    """Parametrization module: ``forward(ω_flat) -> W``; holds the layout and the scales."""
+    """Parametrization module: ``forward(ω_flat) -> W``; holds the layout and the scales.
+
+    **Storage of ω** (the flat ComponentParameter):
+
+    - kernel layouts (K > 1): structure-of-arrays ``(A, B, N)``, N = P·Q components in the
+      weight's own row order (``W.view(P·Q, K)``); component n is ``ω[:, :, n]`` (A×B, tall),
+      and ``W[n]`` is it, or its transpose for wide kernels. No gather in the forward; the
+      optimizer reads the type and group of each component from ``comp_type``/``comp_group``.
+    - block layouts (K = 1): the layout's bucket order (each bucket ``(count, A, B)``,
+      contiguous); the forward gathers the elements with ``layout.index``.
+
+    :meth:`buckets` gives each bucket's components as ``(count, A, B)`` in either case (views
+    for blocks, copies for kernels).
+    """
 
     def __init__(self, layout: Layout, renorm: bool = True):
         super().__init__()
         self.layout = layout
         self.renorm = renorm
         p, q = layout.weight_shape[:2]
-        idx = lambda a: torch.as_tensor(a, dtype=torch.int64)  # noqa: E731
-        self.register_buffer("index", idx(layout.index), persistent=False)
-        self.register_buffer("inverse", idx(layout.inverse), persistent=False)
-        self.register_buffer("in_channel", idx(layout.in_channel), persistent=False)
-        self.register_buffer("gamma", torch.as_tensor(layout.gamma, dtype=torch.float32), persistent=False)
-        gid = [torch.arange(len(b.group_sizes)).repeat_interleave(torch.tensor(b.group_sizes)) for b in layout.buckets]
-        self.register_buffer("group_id", torch.cat(gid), persistent=False)
+        self._cache: dict = {}
+        ngroups = [len(b.group_sizes) for b in layout.buckets]
+        sizes = np.concatenate([np.asarray(b.group_sizes, dtype=np.int64) for b in layout.buckets])
+        gid = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes)  # storage order, unique per layer
+        per_comp = np.concatenate(
+            [
+                np.full(n, 1.0 if b.manifold == "sp" else float(b.cols))
+                for b, n in zip(layout.buckets, ngroups)
+            ]
+        )
+        # Σ_c ‖ω_c‖²_F of each group (1 per sp component, B per ob/st one), for the step-size cap
+        self.register_buffer(
+            "group_norm2", torch.as_tensor(sizes * per_comp, dtype=torch.float32), persistent=False
+        )
+        ctype = np.repeat([_TYPE_CODE[b.manifold] for b in layout.buckets], [b.count for b in layout.buckets])
+        if layout.kernel:  # per component in weight order
+            inv = layout.inverse
+            ctype_w, gid_w = np.empty_like(ctype), np.empty_like(gid)
+            ctype_w[inv], gid_w[inv] = ctype, gid
+            ctype, gid = ctype_w, gid_w
+        self.register_buffer("comp_type", torch.as_tensor(ctype, dtype=torch.int8), persistent=False)
+        self.register_buffer("comp_group", torch.as_tensor(gid, dtype=torch.int32), persistent=False)
         self.register_buffer("kappa", torch.ones(()))
-        self.register_buffer("scale", torch.ones(p, q) if not renorm else self.gamma.clone())
+        gamma = torch.as_tensor(layout.gamma, dtype=torch.float32)
+        self.register_buffer("scale", torch.ones(p, q) if not renorm else gamma.clone())
         self.register_buffer("running_var", torch.ones(layout.in_features))
         self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long))
-        self._lr_cache: tuple | None = None
+
+    # -- the layout's arrays, as tensors on the scales' device, made when first needed ----------
+    def _layout_tensor(self, name: str, dtype) -> Tensor:
+        """Layout arrays are not buffers: they follow from the layout (saved in the state_dict),
+        and for kernel layouts the forward needs none of them, so they cost no memory in training."""
+        dev = self.scale.device
+        t = self._cache.get(name)
+        if t is None or t.device != dev:
+            t = self._cache[name] = torch.as_tensor(getattr(self.layout, name), dtype=dtype).to(dev)
+        return t
+
+    @property
+    def index(self) -> Tensor:
+        """Layout.index: weight unit ← storage unit of the layout's bucket order (int64)."""
+        return self._layout_tensor("index", torch.int64)
+
+    @property
+    def inverse(self) -> Tensor:
+        """Layout.inverse: the weight unit of each storage unit of the bucket order (int64)."""
+        return self._layout_tensor("inverse", torch.int64)
+
+    @property
+    def in_channel(self) -> Tensor:
+        """(P, Q): the input feature channel each weight row reads (int64)."""
+        return self._layout_tensor("in_channel", torch.int64)
+
+    @property
+    def gamma(self) -> Tensor:
+        """(P, Q): the geometric scale γ of the manifold holding each weight row (float32)."""
+        return self._layout_tensor("gamma", torch.float32)
+
+    @property
+    def _shape(self) -> tuple[int, int]:
+        b = self.layout.buckets[0]
+        return b.rows, b.cols
 
     # -- the map ω -> W ----------------------------------------------------------------------
-    def units(self, omega: Tensor) -> Tensor:
-        """The stored components as rows of ``unit`` elements, in storage order."""
-        lay = self.layout
-        if not lay.kernel:
-            return omega.view(-1, 1)
-        b = lay.buckets[0]
-        x = omega.view(-1, b.rows, b.cols)
-        if lay.transpose:
-            x = x.transpose(-1, -2)
-        return x.reshape(x.shape[0], -1)
-
     def forward(self, omega: Tensor) -> Tensor:
-        w = _Gather.apply(self.units(omega), self.index, self.inverse)
-        p, q = self.layout.weight_shape[:2]
-        w = w.view(p, q, -1) * self.scale.to(w.dtype).unsqueeze(-1)
-        return w.view(self.layout.weight_shape)
+        lay = self.layout
+        if lay.kernel:
+            a, b = self._shape
+            w = _ScaleKernels.apply(omega, self.scale, a, b, lay.transpose)
+        else:
+            if torch.compiler.is_compiling():  # no data_ptr-keyed cache under tracing
+                s_stored = self.scale.reshape(-1).index_select(0, self.inverse)
+            else:
+                s_stored = self._scaled()[0]
+            if s_stored.dtype != omega.dtype:
+                s_stored = s_stored.to(omega.dtype)
+            scale = self.scale if self.scale.dtype == omega.dtype else self.scale.to(omega.dtype)
+            w = _GatherScale.apply(omega, self.index, self.inverse, scale, s_stored)
+        return w.reshape(lay.weight_shape)
 
     def right_inverse(self, weight: Tensor) -> Tensor:
-        """ω for a given weight: ``project(W / R)`` per bucket (assigning ``module.weight = W``)."""
+        """ω for a given weight: ``project(W / R)`` per component (assigning ``module.weight = W``)."""
         return self.omega_from_weight(weight)
 
     @torch.no_grad()
@@ -126,37 +232,68 @@ class POM(nn.Module):
         p, q = self.layout.weight_shape[:2]
         scaled = weight.detach().reshape(p, q, -1) / self.scale.to(weight.dtype).unsqueeze(-1)
         stored = self._stored(scaled)
-        out = torch.empty_like(stored)
-        for b, x in self.buckets(stored):
-            out[b.offset : b.offset + b.numel] = _m.get(b.manifold).project(x).reshape(-1)
-        return out
+        if self.layout.kernel:
+            a, b = self._shape
+            x = stored.view(a, b, -1)
+            for bk, rows in self._bucket_rows():
+                if bk.manifold != "euc":
+                    comps = x.index_select(2, rows).permute(2, 0, 1)
+                    x.index_copy_(2, rows, _m.get(bk.manifold).project(comps).permute(1, 2, 0))
+            return stored
+        for bk, x in self.buckets(stored):
+            if bk.manifold != "euc":
+                x.copy_(_m.get(bk.manifold).project(x))
+        return stored
 
     @torch.no_grad()
     def calibrate(self, weight: Tensor) -> None:
         """Set κ from ``weight`` (RMS Frobenius norm of its constrained components), reset λ and
         commit R = κγ: the converted layer starts at the scale of ``weight``."""
-        sq, n = torch.zeros((), dtype=torch.float64), 0
-        for b, x in self.buckets(self._stored(weight.detach())):
-            if b.manifold != "euc":
-                sq += x.double().square().sum().cpu()
-                n += b.count
-        kappa = float((sq / n).sqrt()) if n else 1.0
+        p, q = self.layout.weight_shape[:2]
+        w = weight.detach().reshape(p * q, -1)
+        if self.layout.kernel:
+            sq = torch.linalg.vector_norm(w, dim=1, dtype=torch.float64).square()  # per component
+            keep = self.comp_type != _TYPE_CODE["euc"]
+            total, n = sq[keep].sum(), int(keep.sum())
+        else:
+            sq = w.reshape(-1).double().square().index_select(0, self.inverse)
+            total, n = torch.zeros((), dtype=torch.float64, device=w.device), 0
+            for b in self.layout.buckets:
+                if b.manifold != "euc":
+                    total = total + sq[b.offset : b.offset + b.numel].sum()
+                    n += b.count
+        kappa = float((total / n).sqrt()) if n else 1.0
         if not kappa > 0 or kappa == float("inf"):  # all-zero or broken weights
             kappa = self.layout.weight_shape[1] ** -0.5  # a kaiming-like kernel norm
         self.kappa.fill_(kappa)
         self.running_var.fill_(1.0)
         self.num_batches_tracked.zero_()
-        self.commit_scales()
+        if self.renorm:
+            self.scale.copy_(self.gamma).mul_(self.kappa)  # λ̂ = 1: R = κγ
+        else:
+            self.scale.fill_(1.0)
 
     def _stored(self, weight: Tensor) -> Tensor:
         """The elements of a weight (or of anything of its shape) in flat storage order."""
-        p, q = self.layout.weight_shape[:2]
-        stored = weight.reshape(p * q, -1).index_select(0, self.inverse)
         lay = self.layout
-        if lay.kernel and lay.transpose:
-            b = lay.buckets[0]
-            stored = stored.view(-1, b.cols, b.rows).transpose(-1, -2)
-        return stored.reshape(-1)
+        p, q = lay.weight_shape[:2]
+        if lay.kernel:
+            a, b = self._shape
+            w = weight.reshape(p * q, b, a) if lay.transpose else weight.reshape(p * q, a, b)
+            x = w.permute(2, 1, 0) if lay.transpose else w.permute(1, 2, 0)  # (A, B, N)
+            return x.contiguous().view(-1)
+        return weight.reshape(-1).index_select(0, self.inverse)
+
+    def _bucket_rows(self):
+        """``(bucket, weight rows)`` of a kernel layout: the components of each bucket."""
+        rows = self._cache.get("rows")
+        if rows is None or rows[0].device != self.inverse.device:
+            rows = []
+            for b in self.layout.buckets:
+                u0 = b.offset // (b.rows * b.cols)
+                rows.append(self.inverse[u0 : u0 + b.count])
+            self._cache["rows"] = rows
+        return zip(self.layout.buckets, rows)
 
     # -- scales --------------------------------------------------------------------------
     @torch.no_grad()
@@ -169,18 +306,37 @@ class POM(nn.Module):
         lam_hat = (lam / lam.mean().clamp_min(1e-12)).clamp(*LAMBDA_CLAMP)
         self.scale.copy_(self.kappa * self.gamma / lam_hat[self.in_channel])
 
+    def _scale_key(self) -> tuple:
+        return (self.scale.data_ptr(), self.scale._version, self.scale.device)
+
+    @torch.no_grad()
+    def _scaled(self) -> tuple[Tensor, Tensor]:
+        """(R, 1/R²) per storage unit (kernels: per component in weight order; blocks: per
+        element in storage order), cached until the scales change."""
+        key = self._scale_key()
+        hit = self._cache.get("scale")
+        if hit is None or hit[0] != key:
+            s = self.scale.reshape(-1)
+            if not self.layout.kernel:
+                s = s.index_select(0, self.inverse)
+            hit = self._cache["scale"] = (key, s, 1.0 / s.square())
+        return hit[1], hit[2]
+
     def lr_scale(self) -> Tensor:
-        """1/R² per stored unit: FG-SGD's factor that makes a step on ω the step SGD would take
+        """1/R² per storage unit: FG-SGD's factor that makes a step on ω the step SGD would take
         on W = R ⊙ ω (a gradient step of size lr on W is one of lr/R² on ω)."""
-        key = (self.scale.data_ptr(), self.scale._version, self.scale.device)
-        if self._lr_cache is None or self._lr_cache[0] != key:
-            s = self.scale.reshape(-1).index_select(0, self.inverse)
-            self._lr_cache = (key, 1.0 / s.square())
-        return self._lr_cache[1]
+        return self._scaled()[1]
 
     # -- views -----------------------------------------------------------------------------
     def buckets(self, flat: Tensor):
-        """``(bucket, view)`` pairs: each bucket's components as an (n, A, B) view of ``flat``."""
+        """``(bucket, x)`` pairs: each bucket's components as an ``(count, A, B)`` tensor of
+        ``flat`` (views for block layouts; gathered copies for kernel layouts)."""
+        if self.layout.kernel:
+            a, b = self._shape
+            x = flat.view(a, b, -1)
+            for bk, rows in self._bucket_rows():
+                yield bk, x.index_select(2, rows).permute(2, 0, 1)
+            return
         for b in self.layout.buckets:
             yield b, flat[b.offset : b.offset + b.numel].view(b.count, b.rows, b.cols)
 
@@ -201,7 +357,8 @@ class POM(nn.Module):
 
     # -- checkpoints -----------------------------------------------------------------------
     def get_extra_state(self) -> dict:
-        return {"layout": self.layout.describe(), "renorm": self.renorm}
+        storage = "kernels (A, B, N)" if self.layout.kernel else "buckets"
+        return {"layout": self.layout.describe(), "renorm": self.renorm, "storage": storage}
 
     def set_extra_state(self, state: dict) -> None:
         mine = self.get_extra_state()
@@ -214,11 +371,11 @@ class POM(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        self._lr_cache = None
+        self._cache = {}
 
     def __getstate__(self):
         state = super().__getstate__()
-        state["_lr_cache"] = None
+        state["_cache"] = {}
         return state
 
     def extra_repr(self) -> str:
@@ -241,7 +398,10 @@ def _rebuild_parametrized(cls: type, state: dict) -> nn.Module:
 
 
 def _reduce_parametrized(self, proto):
-    return (_rebuild_parametrized, (parametrize.type_before_parametrizations(self), nn.Module.__getstate__(self)))
+    return (
+        _rebuild_parametrized,
+        (parametrize.type_before_parametrizations(self), nn.Module.__getstate__(self)),
+    )
 
 
 def _deepcopy_parametrized(self, memo):

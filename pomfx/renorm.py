@@ -34,24 +34,40 @@ def poms(model: nn.Module):
 def lambda_hook(module: nn.Module, args: tuple) -> None:
     """Forward pre-hook: fold the batch's per-input-channel variance into ``running_var``.
 
-    A module-level function (no closure), so deep copies and pickles of the model keep a hook
-    that updates their own POM, never the original's.
+    Training mode only (eval leaves the statistics alone). A module-level function (no closure),
+    so deep copies and pickles of the model keep a hook that updates their own POM, never the
+    original's. The variance is computed from sums over the non-channel dimensions of the input
+    shifted by one of its samples (fast reductions, and no cancellation when the mean is large
+    against the spread); the running value is a cumulative average over the first batches, then
+    an exponential one (momentum 0.1), without a host sync.
     """
     if not module.training or not args or not isinstance(args[0], Tensor):
         return
     pom = module.parametrizations.weight[0]
     x = args[0].detach()
     is_linear = issubclass(parametrize.type_before_parametrizations(module), nn.Linear)
-    channel_dim = x.dim() - 1 if is_linear else 1
-    if x.dim() == 1 or x.shape[channel_dim] != pom.running_var.numel():
+    cdim = x.dim() - 1 if is_linear else 1
+    if x.dim() < 2 or x.shape[cdim] != pom.running_var.numel():
         return
-    dims = [d for d in range(x.dim()) if d != channel_dim]
-    var = x.float().var(dim=dims, unbiased=False) if x.numel() > x.shape[channel_dim] else None
-    if var is None:
+    count = x.numel() // x.shape[cdim]
+    if count < 2:
         return
-    # a cumulative average over the first batches, then an exponential one
-    weight = (1.0 / (pom.num_batches_tracked + 1)).clamp(min=MOMENTUM)  # no host sync
-    pom.running_var.lerp_(var, weight.to(var.dtype))
+    dims = [d for d in range(x.dim()) if d != cdim]
+    if x.is_cuda:  # one fused Welford kernel there
+        var = torch.var_mean(x.float(), dims, correction=0)[0]
+    else:  # on CPU, plain sums over these dims are ~20x faster than var()
+        pick = [0] * x.dim()
+        pick[cdim] = slice(None)
+        shape = [1] * x.dim()
+        shape[cdim] = -1
+        xf = x.float()
+        d = xf - xf[tuple(pick)].reshape(shape)
+        s1 = d.sum(dims)
+        s2 = d.square_().sum(dims)
+        var = (s2 - s1 * s1 / count).div_(count).clamp_min_(0)
+    weight = (1.0 / (pom.num_batches_tracked + 1)).clamp(min=MOMENTUM)
+    rv = pom.running_var
+    rv.lerp_(var.to(rv.dtype), weight.to(rv.dtype))
     pom.num_batches_tracked += 1
 
 

@@ -1,0 +1,511 @@
+"""FG-SGD (pomfx.optim): the step against a direct reference, the step-size rule, torch SGD
+semantics for plain parameters, robustness (non-finite gradients, drift, low precision) and
+state (state_dict, resume bit for bit, schedulers, GradScaler, closures)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import pomfx
+from pomfx import manifolds as M
+from pomfx.parametrization import ComponentParameter
+from pomfx.renorm import poms
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def small_net(manifolds="sp+ob+st", seed=0, dtype=torch.float32, everything=True):
+    """Convs with 3×3, wide 1×5 and 1×1 kernels, BN, and linears: kernel and block layouts."""
+    torch.manual_seed(seed)
+    m = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 16, (1, 5), padding=(0, 2)), nn.ReLU(),
+        nn.Conv2d(16, 12, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+        nn.Linear(48, 6), nn.ReLU(), nn.Linear(6, 5),
+    )  # fmt: skip
+    m = m.to(dtype)
+    include = [nn.Conv2d, nn.Linear] if everything else None
+    return pomfx.convert(m, scheme="pio", manifolds=manifolds, seed=seed, include=include)
+
+
+def components(model):
+    """{(layer, bucket index): (count, A, B) components} of every converted layer."""
+    out = {}
+    for name, mod, t, pom in poms(model):
+        omega = mod.parametrizations[t].original
+        for i, (b, x) in enumerate(pom.buckets(omega.detach())):
+            out[name, i] = (b, x.clone())
+    return out
+
+
+def omegas(model):
+    return [p for p in model.parameters() if isinstance(p, ComponentParameter)]
+
+
+def plain_params(model):
+    return [p for p in model.parameters() if not isinstance(p, ComponentParameter)]
+
+
+def reference_step(model, state, lr, mu, damp, wd, nesterov, maximize, radius=0.2):
+    """FG-SGD written out bucket by bucket with pomfx.manifolds, in float64."""
+    out = {}
+    for name, mod, t, pom in poms(model):
+        p = mod.parametrizations[t].original
+        buf = state.get(p, {}).get("momentum_buffer")
+        s = pom.lr_scale().double()
+        if pom.layout.kernel:
+            a, b = pom._shape
+            s = s.expand(a, b, -1).reshape(-1)
+        xs, gs, ss = (dict(pom.buckets(t_.double())) for t_ in (p.data, p.grad, s))
+        vs = dict(pom.buckets(buf.double())) if buf is not None else {}
+        for i, bk in enumerate(pom.layout.buckets):
+            x, man = xs[bk], M.get(bk.manifold)
+            d = man.proj_tangent(x, ss[bk] * gs[bk] * (-1.0 if maximize else 1.0))
+            if bk.manifold == "euc" and wd:
+                d = d + wd * x
+            v = None
+            if mu:
+                v = d.clone() if buf is None else mu * vs[bk] + (1 - damp) * d
+            u = (d + mu * v if nesterov else v) if mu else d
+            sizes = torch.tensor(bk.group_sizes)
+            gid = torch.arange(len(sizes)).repeat_interleave(sizes)
+            f = torch.ones(x.shape[0], dtype=torch.float64)
+            if bk.manifold != "euc":
+                per = 1.0 if bk.manifold == "sp" else float(bk.cols)
+                qg = torch.zeros(len(sizes), dtype=torch.float64).index_add_(0, gid, (u * u).sum((1, 2)))
+                f = (radius * (sizes * per).double().sqrt() / (lr * qg.sqrt())).clamp(max=1)[gid]
+            xn = man.retract(x, -lr * f.view(-1, 1, 1) * u)
+            out[name, i] = (xn, man.transport(xn, v) if mu else None)
+    return out
+
+
+# -- the step -----------------------------------------------------------------------------------
+CONFIGS = [
+    # manifolds, momentum, dampening, nesterov, weight_decay, maximize, lr
+    ("sp+ob+st", 0.0, 0.0, False, 0.0, False, 0.05),
+    ("sp+ob+st", 0.9, 0.0, False, 5e-4, False, 0.05),
+    ("sp+ob+st", 0.9, 0.0, True, 0.0, True, 0.05),
+    ("sp+ob+st+euc", 0.9, 0.3, False, 1e-2, False, 5.0),
+    ("sp+ob+st+euc", 0.9, 0.0, True, 1e-2, True, 5.0),
+    ("sp+ob", 0.9, 0.0, False, 0.0, False, 5.0),
+    ("st", 0.5, 0.1, False, 0.0, True, 0.05),
+    ("euc", 0.9, 0.0, False, 1e-2, False, 0.05),
+]
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["chunked", "batched"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(map(str, c)))
+def test_step_matches_reference_float64(cfg, batched):
+    """The step, as run on CPU (layers cut into chunks) and as run on CUDA (layers side by side,
+    batched small-matrix ops, no host sync), is Algorithm 1 written out per bucket (float64)."""
+    manifolds, mu, damp, nest, wd, maxi, lr = cfg
+    model = small_net(manifolds, dtype=torch.float64)
+    opt = pomfx.FGSGD(
+        model.parameters(),
+        lr=lr,
+        momentum=mu,
+        dampening=damp,
+        nesterov=nest,
+        weight_decay=wd,
+        maximize=maxi,
+        chunk=200,
+    )  # fmt: skip  (several chunks and jobs)
+    opt._batched = batched
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype) * (3.0 if step == 0 else 0.1)
+        ref = reference_step(model, opt.state, lr, mu, damp, wd, nest, maxi)
+        opt.step()
+        for name, mod, t, pom in poms(model):
+            p = mod.parametrizations[t].original
+            xs = list(pom.buckets(p.detach()))
+            vs = list(pom.buckets(opt.state[p]["momentum_buffer"])) if mu else None
+            for i, (_, x) in enumerate(xs):
+                xn, vn = ref[name, i]
+                torch.testing.assert_close(x, xn, rtol=0, atol=1e-10)
+                if mu:
+                    torch.testing.assert_close(vs[i][1], vn, rtol=0, atol=1e-10)
+
+
+def test_first_order_sphere_step():
+    """One step without momentum on a sphere conv is ω − lr·Π(s ⊙ G) retracted: the distance to
+    that first-order prediction falls ~100× when lr falls 10× (radius cap inactive)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3).double()
+    base = pomfx.convert(nn.Sequential(conv), manifolds="sp", include=[nn.Conv2d])
+    x = torch.randn(8, 3, 6, 6, dtype=torch.float64)
+    errs = []
+    for lr in (1e-4, 1e-5):
+        model = copy.deepcopy(base)
+        pom = next(poms(model))[3]
+        omega = model[0].parametrizations.weight.original
+        model(x).square().sum().backward()
+        s = pom.lr_scale().expand(*pom._shape, -1).reshape(-1)
+        (_, w0), (_, g), (_, sc) = (next(pom.buckets(t)) for t in (omega.detach().clone(), omega.grad, s))
+        xi = -lr * M.Sphere.proj_tangent(w0, sc * g)
+        assert float((xi.square().sum((1, 2)).sqrt()).max()) < 0.2  # the cap stays inactive
+        pomfx.FGSGD(model.parameters(), lr=lr).step()
+        w1 = next(pom.buckets(omega.detach()))[1]
+        errs.append(float((w1 - (w0 + xi)).abs().max()))
+    assert 50 < errs[0] / errs[1] < 200, errs
+
+
+def test_radius_cap():
+    """The step-size rule: a small gradient gives plain Riemannian SGD (ξ = −lr·grad, no cap); a
+    huge one moves every group by exactly δ·‖ω_g‖ (for one-component sphere groups: by the
+    angle atan δ)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(4, 6, 3))
+    model = pomfx.convert(net.double(), manifolds="sp", group_size=1, include=[nn.Conv2d])
+    omega = model[0].parametrizations.weight.original
+    pom = next(poms(model))[3]
+    w0 = next(pom.buckets(omega.detach().clone()))[1]
+    radius = 0.3
+    omega.grad = torch.randn_like(omega) * 1e6
+    pomfx.FGSGD(model.parameters(), lr=1.0, radius=radius).step()
+    w1 = next(pom.buckets(omega.detach()))[1]
+    cos = (w0 * w1).sum((1, 2))
+    torch.testing.assert_close(cos, torch.full_like(cos, (1 + radius**2) ** -0.5), rtol=0, atol=1e-12)
+    # small gradients: exactly the uncapped reference
+    omega.grad = torch.randn_like(omega) * 1e-3
+    ref = reference_step(model, {}, 1e-2, 0, 0, 0, False, False, radius=1e9)
+    pomfx.FGSGD(model.parameters(), lr=1e-2, radius=radius).step()
+    torch.testing.assert_close(next(pom.buckets(omega.detach()))[1], ref[next(poms(model))[0], 0][0])
+
+
+def test_all_euclidean_layer_trains_like_sgd_on_w():
+    """euc components take SGD in ω with lr/R² (and weight decay): the effective weight W = R ⊙ ω
+    follows torch's SGD on W, to rounding — the step-size mapping of DESIGN §1."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 4))
+    conv = pomfx.convert(copy.deepcopy(net), manifolds="euc", include=[nn.Conv2d, nn.Linear])
+    kw = dict(lr=0.05, momentum=0.9, weight_decay=1e-2, nesterov=True)
+    o1, o2 = torch.optim.SGD(net.parameters(), **kw), pomfx.FGSGD(conv.parameters(), **kw)
+    x = torch.randn(16, 3, 6, 6)
+    for _ in range(5):
+        for m, o in ((net, o1), (conv, o2)):
+            o.zero_grad()
+            m(x).square().mean().backward()
+            o.step()
+    torch.testing.assert_close(conv[0].weight, net[0].weight, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(conv[3].weight, net[3].weight, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(momentum=0.9), dict(momentum=0.9, nesterov=True, weight_decay=1e-3),
+     dict(momentum=0.8, dampening=0.3, weight_decay=1e-2, maximize=True), dict()],
+    ids=["momentum", "nesterov-wd", "dampening-maximize", "plain"],
+)  # fmt: skip
+def test_plain_parameters_get_exactly_torch_sgd(kw):
+    """Biases, BN, unconverted layers: bit for bit torch.optim.SGD, over several steps."""
+    model = small_net(everything=False)  # the classifier stays unconverted
+    twin = copy.deepcopy(model)
+    opt = pomfx.FGSGD(model.parameters(), lr=0.1, **kw)
+    ref = torch.optim.SGD(plain_params(twin), lr=0.1, **kw)
+    for step in range(4):
+        g = torch.Generator().manual_seed(step)
+        for a, b in zip(model.parameters(), twin.parameters()):
+            a.grad = torch.randn(a.shape, generator=g)
+            b.grad = a.grad.clone()
+        opt.step()
+        ref.step()
+    for a, b in zip(plain_params(model), plain_params(twin)):
+        assert torch.equal(a, b)
+
+
+def test_momentum_stays_tangent():
+    model = small_net()
+    opt = pomfx.FGSGD(model.parameters(), lr=0.5, momentum=0.9)
+    for _step in range(5):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+    for name, mod, t, pom in poms(model):
+        p = mod.parametrizations[t].original
+        for (b, x), (_, v) in zip(pom.buckets(p.detach()), pom.buckets(opt.state[p]["momentum_buffer"])):
+            pv = M.get(b.manifold).proj_tangent(x.double(), v.double())
+            assert float((pv - v.double()).abs().max()) <= 1e-5 * max(1.0, float(v.abs().max())), (name, b)
+
+
+def test_drift_after_1000_steps_fp32():
+    """Every manifold, in a kernel layout and a block layout, with momentum and the occasional
+    huge gradient (cap active): the constraint error stays at rounding level (no re-projection)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(4, 8, 3), nn.Flatten(), nn.Linear(8, 24), nn.Linear(24, 3))
+    model = pomfx.convert(net, manifolds="sp+ob+st", include=[nn.Conv2d, nn.Linear])
+    opt = pomfx.FGSGD(model.parameters(), lr=0.2, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    for step in range(1000):
+        for p in omegas(model):
+            p.grad = torch.randn(p.shape, generator=g) * (30.0 if step % 100 == 0 else 1.0)
+        opt.step()
+    err = pomfx.constraint_error(model)
+    assert max(err.values()) <= 1e-5, err
+
+
+# -- non-finite gradients -----------------------------------------------------------------------
+def _group_elements(pom, omega):
+    """A boolean mask over ω's storage: the elements of the group of one component, and of the
+    components outside that group."""
+    a, b = pom._shape
+    if pom.layout.kernel:
+        comp = torch.zeros(pom.comp_group.numel(), dtype=torch.bool)
+        comp |= pom.comp_group == pom.comp_group[5]
+        return comp.expand(a, b, -1).reshape(-1)
+    mask = torch.zeros_like(omega, dtype=torch.bool)
+    bk = pom.layout.buckets[0]
+    mask[bk.offset : bk.offset + bk.rows * bk.cols] = True  # block groups are single blocks
+    return mask
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_gradient_skips_its_group_only(bad):
+    model = small_net()
+    opt = pomfx.FGSGD(model.parameters(), lr=0.1, momentum=0.9)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()  # a momentum to keep
+    before = {p: (p.detach().clone(), opt.state[p]["momentum_buffer"].clone()) for p in omegas(model)}
+    masks = {}
+    for _name, mod, t, pom in poms(model):
+        p = mod.parametrizations[t].original
+        masks[p] = _group_elements(pom, p)
+        p.grad = torch.randn_like(p)
+        p.grad[masks[p].nonzero()[0]] = bad
+    opt.step()
+    for p, (w0, v0) in before.items():
+        m = masks[p]
+        assert torch.equal(p.detach()[m], w0[m]) and torch.equal(opt.state[p]["momentum_buffer"][m], v0[m])
+        assert not torch.equal(p.detach()[~m], w0[~m])  # the other groups moved
+        assert torch.isfinite(p).all()
+    assert max(pomfx.constraint_error(model).values()) < 1e-5
+
+
+def test_nonfinite_raise_changes_nothing():
+    model = small_net()
+    opt = pomfx.FGSGD(model.parameters(), lr=0.1, momentum=0.9, nonfinite="raise")
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    omegas(model)[1].grad[3] = float("nan")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with pytest.raises(ValueError, match="nonfinite"):
+        pomfx.FGSGD(model.parameters(), nonfinite="ignore")
+
+
+# -- the torch.optim conveniences -----------------------------------------------------------------
+def _data(n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 5, (4,), generator=g)) for _ in range(n)]
+
+
+def _train(model, opt, batches, sched=None, scaler=None):
+    loss_fn = nn.CrossEntropyLoss()
+    for x, y in batches:
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        if sched is not None:
+            sched.step()
+
+
+def test_lr_scheduler_is_honoured():
+    a, b = small_net(), small_net()
+    oa, ob = (
+        pomfx.FGSGD(a.parameters(), lr=0.1, momentum=0.9),
+        pomfx.FGSGD(b.parameters(), lr=0.1, momentum=0.9),
+    )
+    sched = torch.optim.lr_scheduler.StepLR(oa, step_size=2, gamma=0.1)
+    for i, batch in enumerate(_data()):
+        for group in ob.param_groups:
+            group["lr"] = 0.1 * 0.1 ** (i // 2)
+        _train(a, oa, [batch], sched)
+        _train(b, ob, [batch])
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_grad_scaler_cpu():
+    """torch.amp.GradScaler("cpu"): power-of-two scaling is exact, so training is unchanged; an
+    inf in the scaled gradients skips the step."""
+    a, b = small_net(), small_net()
+    oa, ob = (pomfx.FGSGD(m.parameters(), lr=0.1, momentum=0.9) for m in (a, b))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    _train(a, oa, _data(3))
+    _train(b, ob, _data(3), scaler=scaler)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    before = [p.detach().clone() for p in b.parameters()]
+    ob.zero_grad()
+    x, y = _data(1)[0]
+    scaler.scale(nn.functional.cross_entropy(b(x), y) * float("inf")).backward()
+    scaler.step(ob)
+    scaler.update()
+    assert all(torch.equal(p, q) for p, q in zip(before, b.parameters()))
+
+
+def test_closure_and_zero_grad_set_to_none():
+    a, b = small_net(), small_net()
+    oa, ob = (pomfx.FGSGD(m.parameters(), lr=0.1, momentum=0.9) for m in (a, b))
+    x, y = _data(1)[0]
+
+    def closure():
+        oa.zero_grad()
+        loss = nn.functional.cross_entropy(a(x), y)
+        loss.backward()
+        return loss
+
+    loss = oa.step(closure)
+    assert torch.is_tensor(loss) and loss.ndim == 0
+    _train(b, ob, [(x, y)])
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    oa.zero_grad(set_to_none=True)
+    assert all(p.grad is None for p in a.parameters())
+    before = [p.detach().clone() for p in a.parameters()]
+    oa.step()  # no gradients: nothing moves
+    assert all(torch.equal(p, q) for p, q in zip(before, a.parameters()))
+
+
+def test_state_dict_round_trip_restores_momentum():
+    model = small_net()
+    opt = pomfx.FGSGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    _train(model, opt, _data(3))
+    sd = copy.deepcopy(opt.state_dict())
+    fresh = pomfx.FGSGD(model.parameters(), lr=0.5)
+    fresh.load_state_dict(sd)
+    for p in model.parameters():
+        assert torch.equal(fresh.state[p]["momentum_buffer"], opt.state[p]["momentum_buffer"])
+    assert fresh.param_groups[0]["lr"] == 0.1 and fresh.param_groups[0]["nesterov"]
+
+
+def test_resume_from_checkpoints_bit_for_bit():
+    """Stop after 3 steps, save model + optimizer, rebuild both from scratch, load, go on: the
+    final weights equal those of the run that never stopped (λ statistics and update_scales
+    included)."""
+    batches = _data(6)
+
+    def run(model, opt, part):
+        _train(model, opt, part)
+        pomfx.update_scales(model)
+
+    model = small_net()
+    opt = pomfx.FGSGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    run(model, opt, batches[:3])
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    run(model, opt, batches[3:])
+
+    ckpt = torch.load(io.BytesIO(buf.getvalue()))
+    resumed = small_net()
+    resumed.load_state_dict(ckpt["model"])
+    opt2 = pomfx.FGSGD(resumed.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    opt2.load_state_dict(ckpt["opt"])
+    run(resumed, opt2, batches[3:])
+    for (n, p), q in zip(model.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(p, q) if torch.is_tensor(p) else p == q, n
+
+
+def test_bf16_keeps_an_fp32_master():
+    model = small_net().to(torch.bfloat16)
+    opt = pomfx.FGSGD(model.parameters(), lr=1e-3, momentum=0.9)
+    x, y = _data(1)[0]
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x.bfloat16()).float(), y).backward()
+        opt.step()
+    for p in omegas(model):
+        st = opt.state[p]
+        assert st["master"].dtype == torch.float32 and st["momentum_buffer"].dtype == torch.float32
+        assert torch.equal(p.detach(), st["master"].to(torch.bfloat16))
+    # the master is on the manifolds to fp32 accuracy
+    for _name, mod, t, pom in poms(model):
+        p = mod.parametrizations[t].original
+        assert pom.constraint_error(opt.state[p]["master"]) < 1e-5
+    # state_dict keeps the master and its momentum in fp32
+    opt2 = pomfx.FGSGD(model.parameters(), lr=1e-3, momentum=0.9)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for p in omegas(model):
+        assert torch.equal(opt2.state[p]["master"], opt.state[p]["master"])
+        assert opt2.state[p]["momentum_buffer"].dtype == torch.float32
+    # a weight changed outside the optimizer (a checkpoint load) is re-read into the master
+    p = omegas(model)[0]
+    with torch.no_grad():
+        p.mul_(-1)
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    assert torch.equal(opt.state[p]["master"].to(torch.bfloat16), p.detach())
+
+
+def test_bad_arguments():
+    model = small_net()
+    for kw in (dict(lr=-1), dict(momentum=-0.1), dict(weight_decay=-1), dict(nesterov=True),
+               dict(radius=0), dict(chunk=0)):  # fmt: skip
+        with pytest.raises(ValueError):
+            pomfx.FGSGD(model.parameters(), **{"lr": 0.1, **kw})
+
+
+# -- CUDA ------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    "manifolds,nesterov", list(itertools.product(["sp+ob+st", "sp+ob+st+euc"], [False, True]))
+)
+def test_cuda_step_matches_cpu(manifolds, nesterov):
+    cpu = small_net(manifolds, dtype=torch.float64)
+    gpu = copy.deepcopy(cpu).cuda()
+    kw = dict(lr=0.1, momentum=0.9, nesterov=nesterov, weight_decay=1e-3)
+    oc, og = pomfx.FGSGD(cpu.parameters(), **kw), pomfx.FGSGD(gpu.parameters(), **kw)
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        for a, b in zip(cpu.parameters(), gpu.parameters()):
+            a.grad = torch.randn(a.shape, generator=g, dtype=a.dtype) * (5.0 if step == 0 else 0.1)
+            b.grad = a.grad.cuda()
+        oc.step()
+        og.step()
+    for a, b in zip(cpu.parameters(), gpu.parameters()):
+        # (the scales are float32 buffers, their 1/R² rounds differently on the two devices)
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.cuda
+def test_cuda_drift_and_nonfinite():
+    model = small_net().cuda()
+    opt = pomfx.FGSGD(model.parameters(), lr=0.2, momentum=0.9)
+    for step in range(1000):
+        for p in omegas(model):
+            p.grad = torch.randn_like(p) * (30.0 if step % 100 == 0 else 1.0)
+        if step == 500:
+            omegas(model)[0].grad[0] = float("nan")
+        opt.step()
+    assert max(pomfx.constraint_error(model).values()) <= 1e-5
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.cuda
+def test_cuda_amp_grad_scaler_fp16():
+    model = small_net().cuda()
+    opt = pomfx.FGSGD(model.parameters(), lr=0.05, momentum=0.9)
+    scaler = torch.amp.GradScaler("cuda")
+    for x, y in _data(5):
+        x, y = x.cuda(), y.cuda()
+        opt.zero_grad()
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = nn.functional.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    assert torch.isfinite(loss)
+    assert max(pomfx.constraint_error(model).values()) <= 1e-5

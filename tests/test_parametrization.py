@@ -1,0 +1,208 @@
+"""The POM parametrization (pomfx.parametrization) and the renormalization (pomfx.renorm):
+W = R ⊙ ω against a naive reference, the custom backward, right_inverse, κ, the λ statistics
+and R, renorm=False, state_dict, torch.save and deepcopy (the DESIGN §5 traps)."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import pomfx
+from pomfx import manifolds as M
+from pomfx.parametrization import LAMBDA_CLAMP, ComponentParameter
+from pomfx.renorm import poms
+
+
+def net(seed=0, renorm=True, manifolds="sp+ob+st+euc", dtype=torch.float64):
+    """3×3, wide 1×5 and 1×1 convs, a grouped conv and linears: kernel and block layouts."""
+    torch.manual_seed(0)
+    m = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 8, (1, 5), padding=(0, 2), groups=2), nn.ReLU(),
+        nn.Conv2d(8, 12, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+        nn.Linear(48, 6), nn.ReLU(), nn.Linear(6, 5),
+    ).to(dtype)  # fmt: skip
+    return pomfx.convert(m, manifolds=manifolds, seed=seed, renorm=renorm, include=[nn.Conv2d, nn.Linear])
+
+
+def layers(model):
+    for name, mod, t, pom in poms(model):
+        yield name, mod, pom, mod.parametrizations[t].original
+
+
+def naive_weight(pom, omega):
+    """The layout's definition, written out: components in bucket order (each transposed back
+    when the kernel is wide), as units, gathered by ``layout.index``, times R."""
+    lay = pom.layout
+    units = []
+    for b, x in pom.buckets(omega):
+        if lay.kernel and lay.transpose:
+            x = x.transpose(1, 2)
+        units.append(x.reshape(b.count, -1) if lay.kernel else x.reshape(-1, 1))
+    stored = torch.cat(units)
+    p, q = lay.weight_shape[:2]
+    w = stored[torch.as_tensor(lay.index)].view(p, q, -1) * pom.scale.unsqueeze(-1)
+    return w.view(lay.weight_shape)
+
+
+def test_forward_matches_the_layout_definition():
+    model = net()
+    kinds = set()
+    for _name, mod, pom, omega in layers(model):
+        kinds.add((pom.layout.kernel, pom.layout.transpose))
+        torch.testing.assert_close(mod.weight, naive_weight(pom, omega.detach()), rtol=0, atol=0)
+    assert {(True, False), (True, True), (False, False)} <= kinds
+
+
+def test_custom_backward_equals_autograd():
+    """∇ω through the custom Functions (kernel multiply, block gather) equals autograd of the
+    plain index_select reference."""
+    model = net()
+    for _name, _mod, pom, omega in layers(model):
+        g = torch.randn(pom.layout.weight_shape, dtype=omega.dtype)
+        w = pom(omega)
+        (mine,) = torch.autograd.grad(w, omega, g)
+        leaf = omega.detach().clone().requires_grad_()
+        (ref,) = torch.autograd.grad(naive_weight(pom, leaf), leaf, g)
+        torch.testing.assert_close(mine, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_omega_weight_round_trip():
+    """For a weight on the manifolds times R, ω → W → ω is the identity (right_inverse)."""
+    model = net()
+    for _name, mod, pom, omega in layers(model):
+        w = pom(omega.detach())
+        torch.testing.assert_close(pom.right_inverse(w), omega.detach(), rtol=0, atol=1e-12)
+        # and assigning a weight goes through right_inverse: projected, then read back
+        mod.weight = w * 1.0
+        torch.testing.assert_close(mod.weight, w, rtol=0, atol=1e-12)
+        assert isinstance(mod.parametrizations.weight.original, ComponentParameter)
+
+
+def test_omega_from_weight_projects_onto_the_manifolds():
+    model = net()
+    for _name, _mod, pom, omega in layers(model):
+        w = torch.randn(pom.layout.weight_shape, dtype=omega.dtype)
+        assert pom.constraint_error(pom.omega_from_weight(w)) < 1e-12
+
+
+def test_calibrate_sets_kappa_to_the_rms_component_norm():
+    torch.manual_seed(1)
+    conv = nn.Conv2d(6, 8, 3).double()
+    w = conv.weight.detach().clone()
+    model = pomfx.convert(nn.Sequential(conv), manifolds="sp+ob+st+euc", include=[nn.Conv2d])
+    pom = next(poms(model))[3]
+    norms = w.reshape(48, 9).norm(dim=1)
+    rows = []
+    for b in pom.layout.buckets:
+        u0 = b.offset // (b.rows * b.cols)
+        if b.manifold != "euc":
+            rows.append(torch.as_tensor(pom.layout.inverse[u0 : u0 + b.count]))
+    kappa = norms[torch.cat(rows)].square().mean().sqrt()
+    torch.testing.assert_close(pom.kappa.double(), kappa, rtol=1e-6, atol=0)
+    torch.testing.assert_close(pom.scale, kappa.float() * pom.gamma, rtol=1e-6, atol=0)  # λ̂ = 1
+
+
+def test_lambda_statistics_train_mode_only():
+    model = net()
+    x = torch.randn(32, 3, 6, 6, dtype=torch.float64) * 3 + 5
+    model.eval()
+    model(x)
+    for _, _, pom, _ in layers(model):
+        assert int(pom.num_batches_tracked) == 0 and torch.equal(
+            pom.running_var, torch.ones_like(pom.running_var)
+        )
+    model.train()
+    model(x)
+    first = next(layers(model))[2]
+    torch.testing.assert_close(
+        first.running_var, x.var(dim=(0, 2, 3), unbiased=False).float(), rtol=1e-5, atol=0
+    )
+    assert all(int(pom.num_batches_tracked) == 1 for _, _, pom, _ in layers(model))
+
+
+def test_update_scales_commits_r_with_the_clamp():
+    model = net()
+    for _, _, pom, _ in layers(model):
+        n = pom.running_var.numel()
+        var = torch.linspace(1e-6, 1e3, n) ** 2  # some channels beyond the clamp on both sides
+        pom.running_var.copy_(var)
+        pom.num_batches_tracked.fill_(1)
+    assert pomfx.update_scales(model) == len(list(layers(model)))
+    for _, _, pom, _ in layers(model):
+        lam = pom.running_var.sqrt()
+        lam_hat = (lam / lam.mean()).clamp(*LAMBDA_CLAMP)
+        torch.testing.assert_close(pom.scale, pom.kappa * pom.gamma / lam_hat[pom.in_channel])
+
+
+def test_renorm_false_keeps_r_one():
+    model = net(renorm=False)
+    x = torch.randn(8, 3, 6, 6, dtype=torch.float64)
+    model.train()
+    model(x)
+    pomfx.update_scales(model)
+    for _, _mod, pom, _omega in layers(model):
+        assert torch.equal(pom.scale, torch.ones_like(pom.scale))
+        assert int(pom.num_batches_tracked) == 0  # no statistics hook either
+
+
+def test_state_dict_round_trip_and_layout_error():
+    model = net()
+    model.train()
+    model(torch.randn(8, 3, 6, 6, dtype=torch.float64))
+    pomfx.update_scales(model)
+    sd = model.state_dict()
+    twin = net()
+    twin.load_state_dict(sd)
+    for (k, a), b in zip(sd.items(), twin.state_dict().values()):
+        assert torch.equal(a, b) if torch.is_tensor(a) else a == b, k
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    assert torch.equal(model.eval()(x), twin.eval()(x))
+    other = net(seed=1)
+    with pytest.raises(RuntimeError, match="layout"):
+        other.load_state_dict(sd)
+
+
+def _train_step(model):
+    opt = pomfx.FGSGD(model.parameters(), lr=0.5, momentum=0.9)
+    model.train()
+    model(torch.randn(8, 3, 6, 6, dtype=torch.float64)).square().mean().backward()
+    opt.step()
+
+
+def test_torch_save_and_deepcopy_are_independent():
+    model = net()
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    ref = model.eval()(x)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    loaded = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
+    dup = copy.deepcopy(model)
+    for other in (loaded, dup):
+        assert type(other[0]) is not type(model[0])  # each its own generated class
+        torch.testing.assert_close(other.eval()(x), ref, rtol=0, atol=0)
+        _train_step(other)  # trains its own weights and statistics
+        pomfx.update_scales(other)
+        pomfx.fold(other, inplace=True)  # and drops its parametrizations
+        assert not any(isinstance(p, ComponentParameter) for p in other.parameters())
+    assert torch.equal(model.eval()(x), ref)  # the original: untouched, still converted
+    assert len(list(poms(model))) == len(list(layers(model))) > 0
+    for _, _mod, pom, omega in layers(model):
+        assert omega.pom is pom and int(pom.num_batches_tracked) == 0
+    _train_step(model)  # and still trains
+    assert max(pomfx.constraint_error(model).values()) < 1e-10
+
+
+def test_buckets_and_constraint_error():
+    model = net()
+    for _, _, pom, omega in layers(model):
+        total = 0
+        for b, x in pom.buckets(omega.detach()):
+            assert x.shape == (b.count, b.rows, b.cols)
+            assert float(M.get(b.manifold).distance(x).max()) < 1e-12
+            total += x.numel()
+        assert total == omega.numel()
