@@ -176,10 +176,10 @@ def time_steps(args) -> dict[str, list[float]]:
             if r >= args.min_rounds and v in args.slow and times[v]:
                 continue
             sync(args.device)
-            t0 = time.perf_counter()
+            t0 = args.clock()
             steps[v]()
             sync(args.device)
-            times[v].append(time.perf_counter() - t0)
+            times[v].append(args.clock() - t0)
         if time.perf_counter() - t_start > args.budget and r + 1 >= args.min_rounds:
             break
     return times
@@ -280,6 +280,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--size", type=int, default=None, help="image size (cpu: 64, cuda: 224)")
     ap.add_argument("--num-classes", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    ap.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="cpu: the thread's CPU time (with --threads 1), robust to other processes on a shared machine",
+    )
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--peer-shape", choices=("kernel", "matrix"), default="kernel")
     ap.add_argument("--warmup", type=int, default=3)
@@ -299,6 +305,10 @@ def main(argv=None) -> dict:
     bad = [v for v in args.variants if v not in VARIANTS]
     if bad:
         ap.error(f"unknown variant {bad[0]!r}; valid: {', '.join(VARIANTS)}")
+    if args.clock == "cpu" and (args.threads != 1 or cuda):
+        ap.error("--clock cpu measures one thread's CPU time: use it with --threads 1 on CPU")
+    args.clock_name = args.clock
+    args.clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     args.slow = {"geotorch", "geoopt"}  # after min_rounds, peers are timed no more
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
@@ -312,7 +322,7 @@ def main(argv=None) -> dict:
 
     where = machine(args.device)
     print(f"step_ratio: {args.arch}, batch {args.batch}, {args.size}×{args.size}, {args.device} ({where}), "
-          f"torch {torch.__version__}", flush=True)  # fmt: skip
+          f"torch {torch.__version__}, {args.clock_name} clock", flush=True)  # fmt: skip
     times = time_steps(args)
     med = {v: statistics.median(t) for v, t in times.items()}
     mem = {} if args.no_memory else {v: peak_memory(v, args) for v in args.variants}
@@ -329,8 +339,8 @@ def main(argv=None) -> dict:
         for peer in ("geotorch", "geoopt"):
             if peer in med:
                 print(f"pomfx is {med[peer] / med['pomfx']:.1f}× faster per step than {peer}")
-    result = {"machine": where, "device": args.device, "arch": args.arch, "batch": args.batch,
-              "size": args.size, "torch": torch.__version__, "rows": rows}  # fmt: skip
+    result = {"machine": where, "device": args.device, "clock": args.clock_name, "arch": args.arch,
+              "batch": args.batch, "size": args.size, "torch": torch.__version__, "rows": rows}  # fmt: skip
     if args.convert:
         result["convert_resnet50_s"] = convert_time(args)
         print(f"pomfx.convert(resnet50): {result['convert_resnet50_s']:.3f} s (median of 5)")

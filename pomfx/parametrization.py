@@ -231,15 +231,16 @@ class POM(nn.Module):
         """Each component of ``W / R`` projected onto its manifold, in storage order."""
         p, q = self.layout.weight_shape[:2]
         scaled = weight.detach().reshape(p, q, -1) / self.scale.to(weight.dtype).unsqueeze(-1)
-        stored = self._stored(scaled)
-        if self.layout.kernel:
+        if self.layout.kernel:  # components as rows (N, A, B), projected bucket by bucket, then (A, B, N)
             a, b = self._shape
-            x = stored.view(a, b, -1)
+            lay = self.layout
+            x = scaled.reshape(p * q, b, a).transpose(1, 2) if lay.transpose else scaled.reshape(p * q, a, b)
+            x = x.contiguous()
             for bk, rows in self._bucket_rows():
                 if bk.manifold != "euc":
-                    comps = x.index_select(2, rows).permute(2, 0, 1)
-                    x.index_copy_(2, rows, _m.get(bk.manifold).project(comps).permute(1, 2, 0))
-            return stored
+                    x.index_copy_(0, rows, _m.get(bk.manifold).project(x.index_select(0, rows)))
+            return x.permute(1, 2, 0).contiguous().view(-1)
+        stored = self._stored(scaled)
         for bk, x in self.buckets(stored):
             if bk.manifold != "euc":
                 x.copy_(_m.get(bk.manifold).project(x))
@@ -255,12 +256,15 @@ class POM(nn.Module):
             sq = torch.linalg.vector_norm(w, dim=1, dtype=torch.float64).square()  # per component
             keep = self.comp_type != _TYPE_CODE["euc"]
             total, n = sq[keep].sum(), int(keep.sum())
-        else:
-            sq = w.reshape(-1).double().square().index_select(0, self.inverse)
-            total, n = torch.zeros((), dtype=torch.float64, device=w.device), 0
+        else:  # Σ over all entries, minus the euc blocks'
+            flat = w.reshape(-1)
+            total = torch.linalg.vector_norm(flat, dtype=torch.float64).square()
+            n = 0
             for b in self.layout.buckets:
-                if b.manifold != "euc":
-                    total = total + sq[b.offset : b.offset + b.numel].sum()
+                if b.manifold == "euc":
+                    euc = flat.index_select(0, self.inverse[b.offset : b.offset + b.numel])
+                    total = total - torch.linalg.vector_norm(euc, dtype=torch.float64).square()
+                else:
                     n += b.count
         kappa = float((total / n).sqrt()) if n else 1.0
         if not kappa > 0 or kappa == float("inf"):  # all-zero or broken weights

@@ -266,10 +266,13 @@ def _group_elements(pom, omega):
     return mask
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["chunked", "batched"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_nonfinite_gradient_skips_its_group_only(bad):
+def test_nonfinite_gradient_skips_its_group_only(bad, batched):
+    """(batched: the CUDA path, where no host sync decides anything: masks only)"""
     model = small_net()
     opt = pomfx.FGSGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt._batched = batched
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     opt.step()  # a momentum to keep
@@ -332,7 +335,7 @@ def test_lr_scheduler_is_honoured():
         pomfx.FGSGD(b.parameters(), lr=0.1, momentum=0.9),
     )
     sched = torch.optim.lr_scheduler.StepLR(oa, step_size=2, gamma=0.1)
-    for i, batch in enumerate(_data()):
+    for i, batch in enumerate(_data(4)):
         for group in ob.param_groups:
             group["lr"] = 0.1 * 0.1 ** (i // 2)
         _train(a, oa, [batch], sched)
