@@ -9,6 +9,7 @@ ratios of neighbouring runs).
     python benchmarks/export_zoo.py                       # the whole zoo (one process per model)
     python benchmarks/export_zoo.py --models resnet18,mobilenet_v3_small
     python benchmarks/export_zoo.py --max-params 300      # skip models above 300 M parameters
+    python benchmarks/export_zoo.py --jobs 7              # 7 models at once (2 threads each)
 
 rel error: per output, max|onnxruntime - torch| / max|torch| (see pomfx.export). Each model runs
 in its own process (memory is returned between models; a crash costs one row).
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 SIZES = {"inception_v3": 299}  # input side; 224 for every other model
@@ -157,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch and onnxruntime threads (default 2)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per model")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    p.add_argument("--jobs", type=int, default=1, help="models run at once (each with --threads threads)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one model, print its row
     p.add_argument("--dir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -169,32 +172,35 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"not torchvision classification models: {', '.join(unknown)}")
     rows, start = [], time.perf_counter()
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    for name in names:
+
+    def run(name: str) -> dict:
         if args.max_params is not None:
             n = sum(p.numel() for p in torchvision.models.get_model(name, weights=None).parameters()) / 1e6
             if n > args.max_params:
-                rows.append(
-                    {"model": name, "params_M": n, "note": f"skipped: over --max-params {args.max_params:g}"}
-                )
-                continue
+                note = f"skipped: over --max-params {args.max_params:g}"
+                return {"model": name, "params_M": n, "note": note}
         with tempfile.TemporaryDirectory() as folder:
             cmd = [sys.executable, __file__, "--one", name, "--dir", folder]
             cmd += ["--repeats", str(args.repeats), "--threads", str(args.threads)]
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
-                line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")), None)
-                if line is None:
-                    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-                    row = {"model": name, "note": f"failed (exit {proc.returncode}): {tail}"}
-                else:
-                    row = json.loads(line[4:])
             except subprocess.TimeoutExpired:
-                row = {"model": name, "note": f"timed out after {args.timeout:g} s"}
-        rows.append(row)
-        print(
-            f"[{time.perf_counter() - start:7.0f} s] {name}: " + json.dumps(row), file=sys.stderr, flush=True
-        )
+                return {"model": name, "note": f"timed out after {args.timeout:g} s"}
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")), None)
+        if line is None:
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            return {"model": name, "note": f"failed (exit {proc.returncode}): {tail}"}
+        return json.loads(line[4:])
+
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        futures = {pool.submit(run, name): name for name in names}
+        for fut in as_completed(futures):
+            name, row = futures[fut], fut.result()
+            rows.append(row)
+            stamp = f"[{time.perf_counter() - start:7.0f} s] {name}: "
+            print(stamp + json.dumps(row), file=sys.stderr, flush=True)
     seconds = time.perf_counter() - start
+    rows.sort(key=lambda r: names.index(r["model"]))
     print(table(rows))
     print(summary(rows, seconds))
     if args.json:

@@ -106,9 +106,11 @@ class Layout:
     """Where each stored component element lives in the weight, and what it is constrained to.
 
     ``index`` gathers the weight from storage: ``W.view(P*Q, unit) = stored.view(-1, unit)[index]``
-    with ``unit = K`` for kernels and 1 for blocks; ``inverse`` is its inverse permutation (both
-    int64). ``gamma[p, q]`` (float32) is the geometric scale of the manifold holding weight row
-    (p, q), and ``in_channel[p, q]`` (int64) the input feature channel that row reads (for λ).
+    with ``unit = K`` for kernels and 1 for blocks; ``inverse`` is its inverse permutation.
+    ``gamma[p, q]`` (float32) is the geometric scale of the manifold holding weight row (p, q), and
+    ``in_channel[p, q]`` the input feature channel that row reads (for λ). The integer arrays are
+    int32 (int64 from 2³¹ units on): a block layout holds them per weight element, and int64 made
+    them 5× the size of the weight itself (the zoo's largest models ran out of memory).
     """
 
     weight_shape: tuple[int, ...]
@@ -203,15 +205,16 @@ def _finish(
     if gamma is None:
         unit = (lambda b: b.count) if kernel else (lambda b: b.numel)
         gamma = np.repeat(np.asarray(gammas, dtype=np.float32), [unit(b) for b in buckets])[index]
+    small = np.int32 if max(n, p * q) < 2**31 else _I64
     return Layout(
         weight_shape=tuple(shape),
         kernel=kernel,
         transpose=transpose,
         buckets=tuple(buckets),
-        index=np.ascontiguousarray(index).reshape(-1),
-        inverse=np.ascontiguousarray(inverse),
+        index=np.ascontiguousarray(index, dtype=small).reshape(-1),
+        inverse=np.ascontiguousarray(inverse, dtype=small),
         gamma=np.ascontiguousarray(gamma).reshape(p, q),
-        in_channel=np.ascontiguousarray(_in_channel(shape, dims, transposed)),
+        in_channel=np.ascontiguousarray(_in_channel(shape, dims, transposed), dtype=small),
         in_features=dims[0] * dims[1],
         options=options,
     )

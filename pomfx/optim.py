@@ -58,8 +58,9 @@ would be 10-40× slower on CPU). Block layers (K = 1) are bucketed: same manifol
 layers, one :class:`_Job`. On CPU, work is cut into chunks of about ``chunk`` elements so that its
 passes run in cache, temporaries live in persistent workspaces (fresh large allocations page-fault
 on every step), and a non-finite check costs one reduction; on CUDA ("batched" mode) all kernel
-layers of a shape form one job, small-matrix products are batched matmuls and a batched Cholesky,
-and nothing syncs with the host.
+layers of a shape form one job, run in one chunk with the same elementwise ops (batched matmuls
+and cuSOLVER's batched Cholesky on 3×3 matrices measured 20× slower on an H100), and nothing syncs
+with the host.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.sgd import sgd as _torch_sgd
 
+from . import fused
+from .manifolds import BIG_COMPONENT
 from .parametrization import ComponentParameter
 
 __all__ = ["FGSGD"]
@@ -477,7 +480,7 @@ class _KernelJob:
         self.a, self.b = poms[0]._shape
         self.sizes = [int(pom.comp_type.numel()) for pom in poms]
         self.n = sum(self.sizes)
-        self.cuda = batched  # batched: one chunk, no host sync, batched small-matrix ops
+        self.cuda = batched  # batched: one chunk and no host sync (the same elementwise ops)
         types = torch.cat([pom.comp_type for pom in poms]) if len(poms) > 1 else poms[0].comp_type
         present = set(torch.unique(types).tolist())
         self.has = {name: code in present for name, code in _TYPE_CODE.items()}
@@ -530,6 +533,12 @@ class _KernelJob:
     def run(self, flat: dict, first: dict, hy: _Hyper) -> None:
         a, b, n = self.a, self.b, self.n
         parts = [flat[id(p)] for p in self.params]
+        x0 = parts[0][0]
+        if not self.cuda and x0.dtype in (torch.float32, torch.float64) and fused.available(a, b):
+            # fused kernels: layer by layer, no concatenation (one call each costs microseconds)
+            view = lambda t: None if t is None else t.view(a, b, -1)  # noqa: E731
+            self._run([tuple(view(t) for t in part) for part in parts], first, hy, True)
+            return
         if len(parts) == 1:
             xf, gf, vf = parts[0]
             X, G = xf.view(a, b, n), gf.view(a, b, n)
@@ -538,30 +547,37 @@ class _KernelJob:
             X = torch.cat([x.view(a, b, -1) for x, _, _ in parts], 2)
             G = torch.cat([g.view(a, b, -1) for _, g, _ in parts], 2)
             V = torch.cat([v.view(a, b, -1) for _, _, v in parts], 2) if parts[0][2] is not None else None
-        self._run(X, G, V, first, hy)
+        self._run([(X, G, V)], first, hy, False)
         if len(parts) > 1:
             dst = [x for x, _, _ in parts] + ([v for _, _, v in parts] if V is not None else [])
             src = list(X.split(self.sizes, 2)) + (list(V.split(self.sizes, 2)) if V is not None else [])
             for d, s_ in zip(dst, src):
                 d.view(a, b, -1).copy_(s_)
 
-    def _run(self, X: Tensor, G: Tensor, V: Tensor | None, first: dict, hy: _Hyper) -> None:
+    def _run(self, segs: list[tuple], first: dict, hy: _Hyper, fuse: bool) -> None:
+        """The step on ``segs``: ``(X, G, V)`` (A, B, ·) triples covering the job's N components in
+        order: one (the job, concatenated) for the torch kernels, one per layer for the fused ones."""
         a, b, n = self.a, self.b, self.n
+        X = segs[0][0]
         dt = X.dtype
         ws = self.ws
         mu, nesterov = hy.mu, hy.nesterov
         s = self.scales()
         if s.dtype != dt:
             s = s.to(dt)
+        starts = np.cumsum([0, *self.sizes[:-1]]).tolist()
+        spans = [(o, o + m) for o, m in zip(starts, self.sizes)] if fuse else [(0, n)]
         # non-finite gradients: one reduction, then whole groups
-        gsum = torch.sum(G, (0, 1), out=ws.get("n1", (n,), X))
+        gsum = ws.get("n1", (n,), X)
+        for (_, g, _), (i, j) in zip(segs, spans):
+            torch.sum(g, (0, 1), out=gsum[i:j])
         fin = torch.isfinite(gsum)
         ok = fin if self.gid is None else self.group_sum((~fin).to(torch.int32))[self.gid] == 0
         if not self.cuda and bool(ok.all()):
             ok = None
         okf = None
         if ok is not None:
-            G = torch.nan_to_num(G, nan=0.0, posinf=0.0, neginf=0.0)
+            segs = [(x, torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0), v) for x, g, v in segs]
             okf = ok.to(dt)
         sign = -1.0 if hy.maximize else 1.0
         firsts = [first[id(p)] for p in self.params]
@@ -576,12 +592,24 @@ class _KernelJob:
         wd_euc = None
         if hy.wd and self.has["euc"]:
             wd_euc = hy.wd * k if okf is None else okf * (hy.wd * k)  # times the euc mask, per chunk
-        U = V if (mu != 0 and not nesterov) else ws.get("U", X.shape, X)
+        heavy = mu != 0 and not nesterov  # the buffer is u
+        Us = [v if heavy else ws.get(f"U{k}", x.shape, x) for k, (x, _, v) in enumerate(segs)]
         q = ws.get("q", (n,), X)
-        uu = ws.get("uu", (a, b, self.nc), X)
 
         # phase A: u = momentum (or d), and ‖u_c‖²
-        for i, j in self.chunks:
+        if fuse:
+            mode = 0 if mu == 0 else (2 if nesterov else 1)
+            mu_n = mu_eff if isinstance(mu_eff, Tensor) else torch.full((n,), mu, dtype=dt)
+            wd_n = torch.zeros(n, dtype=dt) if wd_euc is None else torch.zeros(n, dtype=dt).add_(wd_euc)
+            for (x, g, v), u, (i, j) in zip(segs, Us, spans):
+                u = None if heavy else u
+                fused.phase_a(x, g, v, u, cg[i:j], mu_n[i:j], wd_n[i:j], self.types[i:j], mode, mu, q[i:j])
+            X, G, V = segs[0]
+            U = Us[0]
+        else:
+            (X, G, V), U = segs[0], Us[0]
+            uu = ws.get("uu", (a, b, self.nc), X)
+        for i, j in () if fuse else self.chunks:
             Xc, Gc, Uc = X[..., i:j], G[..., i:j], U[..., i:j]
             cgc = cg[i:j]
             self._masks(i, j, X)
@@ -621,6 +649,14 @@ class _KernelJob:
         twice = self.full and (self.cuda or bool(((h * h) * q).max() > _RESTEP))
 
         # phase B: retraction, then transport of the momentum
+        if fuse:
+            okb = ok if ok is not None else torch.ones(n, dtype=torch.bool)
+            transport = mu != 0 and self.constrained
+            reps = 2 if twice else 1
+            for (x, _, v), u, (i, j) in zip(segs, Us, spans):
+                v = v if transport else None
+                fused.phase_b(x, u, v, h[i:j], self.types[i:j], okb[i:j], reps, transport)
+            return
         for i, j in self.chunks:
             Xc, Uc = X[..., i:j], U[..., i:j]
             self._masks(i, j, X)
@@ -642,7 +678,7 @@ class _KernelJob:
             return None
         nc, b, ws = j - i, self.b, self.ws
         if self.full:
-            M = _soa_tmm(X, Y, ws.get("M", (b, b, self.nc), X)[..., :nc], self.cuda)
+            M = _soa_tmm(X, Y, ws.get("M", (b, b, self.nc), X)[..., :nc])
             C = torch.add(M, M.transpose(0, 1), out=ws.get("C", (b, b, self.nc), X)[..., :nc])
             C.mul_(self.m["st/2"] if coef is None else self.m["st/2"] * coef)
             d = self._typed_diag(M.diagonal(0, 0, 1).t(), i, j, dt)  # (B, n)
@@ -671,7 +707,7 @@ class _KernelJob:
         if C.dim() == 2:
             V.addcmul_(X, C.unsqueeze(0), value=-1.0)
         else:
-            _soa_sub_mm_(V, X, C, self.cuda)
+            _soa_sub_mm_(V, X, C)
 
     def _typed_norm_(self, d: Tensor, out: Tensor, i: int, j: int, dt, inverse: bool) -> Tensor:
         """(Inverse) norms into ``out`` (B, n) from the column norms² ``d``: per column on ob, the
@@ -704,23 +740,16 @@ class _KernelJob:
                 inv = torch.where(ok, inv, 1.0)
             Y.mul_(inv.unsqueeze(0))
             return
-        P = _soa_tmm(Y, Y, ws.get("M", (b, b, self.nc), Y)[..., :nc], self.cuda)
+        P = _soa_tmm(Y, Y, ws.get("M", (b, b, self.nc), Y)[..., :nc])
         Pd = P.diagonal(0, 0, 1).t()
         norm = self._typed_norm_(Pd, ws.get("nrm", (b, self.nc), Y)[:, :nc], i, j, dt, False)
         P.mul_(self.m["st"])  # identity outside st: its Cholesky factor is I
         Pd.add_(self.m["not st"])
-        if self.cuda:
-            R = torch.linalg.cholesky_ex(P.permute(2, 0, 1), upper=True)[0].permute(1, 2, 0)
-        else:
-            R = _soa_chol_(P, ws.get("C", (b, b, self.nc), Y)[..., :nc], ws.get("d", (b, self.nc), Y)[:, :nc])
+        R = _soa_chol_(P, ws.get("C", (b, b, self.nc), Y)[..., :nc], ws.get("d", (b, self.nc), Y)[:, :nc])
         Rd = R.diagonal(0, 0, 1).t()
         Rd.mul_(self.m["st"]).add_(norm)
         if ok is not None:
             R = torch.where(ok, R, torch.eye(b, dtype=dt, device=Y.device).unsqueeze(-1))
-        if self.cuda:  # one batched triangular solve
-            q = torch.linalg.solve_triangular(R.permute(2, 0, 1), Y.permute(2, 0, 1), upper=True, left=False)
-            Y.copy_(q.permute(1, 2, 0))
-            return
         for col in range(b):  # forward substitution on the columns: q_j = (y_j − Σ_k<j r_kj q_k) / r_jj
             yj = Y[:, col]
             for kk in range(col):
@@ -728,22 +757,16 @@ class _KernelJob:
             yj.div_(R[col, col])
 
 
-def _soa_tmm(X: Tensor, Y: Tensor, out: Tensor, batched: bool = False) -> Tensor:
-    """XᵀY per component for (A, B, n) X and Y, into ``out`` (B, B, n) (batched: one bmm, as a
-    permuted view)."""
-    if batched:
-        return torch.bmm(X.permute(2, 1, 0), Y.permute(2, 0, 1)).permute(1, 2, 0)
+def _soa_tmm(X: Tensor, Y: Tensor, out: Tensor) -> Tensor:
+    """XᵀY per component for (A, B, n) X and Y, into ``out`` (B, B, n)."""
     torch.mul(X[0].unsqueeze(1), Y[0].unsqueeze(0), out=out)
     for r in range(1, X.shape[0]):
         out.addcmul_(X[r].unsqueeze(1), Y[r].unsqueeze(0))
     return out
 
 
-def _soa_sub_mm_(V: Tensor, X: Tensor, C: Tensor, batched: bool = False) -> None:
+def _soa_sub_mm_(V: Tensor, X: Tensor, C: Tensor) -> None:
     """V −= X·C per component: (A, B, n) V and X, (B, B, n) C."""
-    if batched:
-        V.sub_(torch.bmm(X.permute(2, 0, 1), C.permute(2, 0, 1)).permute(1, 2, 0))
-        return
     for r in range(X.shape[1]):
         V.addcmul_(X[:, r].unsqueeze(1), C[r].unsqueeze(0), value=-1.0)
 
@@ -767,8 +790,11 @@ def _soa_chol_(P: Tensor, R: Tensor, d: Tensor) -> Tensor:
 
 # -- the arithmetic of one job ------------------------------------------------------------------
 def _dot(a: Tensor, b: Tensor) -> Tensor:
-    """Per-component inner products of (n, A, B) tensors: (n,)."""
+    """Per-component inner products of (n, A, B) tensors: (n,); large components summed
+    accurately (see :func:`pomfx.manifolds.frobenius_norm`)."""
     n = a.shape[0]
+    if a.shape[1] * a.shape[2] > BIG_COMPONENT:
+        return (a * b).sum((1, 2))
     return torch.bmm(a.reshape(n, 1, -1), b.reshape(n, -1, 1)).view(n)
 
 

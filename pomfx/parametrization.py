@@ -171,34 +171,34 @@ class POM(nn.Module):
         self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long))
 
     # -- the layout's arrays, as tensors on the scales' device, made when first needed ----------
-    def _layout_tensor(self, name: str, dtype) -> Tensor:
+    def _layout_tensor(self, name: str) -> Tensor:
         """Layout arrays are not buffers: they follow from the layout (saved in the state_dict),
         and for kernel layouts the forward needs none of them, so they cost no memory in training."""
         dev = self.scale.device
         t = self._cache.get(name)
         if t is None or t.device != dev:
-            t = self._cache[name] = torch.as_tensor(getattr(self.layout, name), dtype=dtype).to(dev)
+            t = self._cache[name] = torch.from_numpy(getattr(self.layout, name)).to(dev)
         return t
 
     @property
     def index(self) -> Tensor:
-        """Layout.index: weight unit ← storage unit of the layout's bucket order (int64)."""
-        return self._layout_tensor("index", torch.int64)
+        """Layout.index: weight unit ← storage unit of the layout's bucket order."""
+        return self._layout_tensor("index")
 
     @property
     def inverse(self) -> Tensor:
-        """Layout.inverse: the weight unit of each storage unit of the bucket order (int64)."""
-        return self._layout_tensor("inverse", torch.int64)
+        """Layout.inverse: the weight unit of each storage unit of the bucket order."""
+        return self._layout_tensor("inverse")
 
     @property
     def in_channel(self) -> Tensor:
-        """(P, Q): the input feature channel each weight row reads (int64)."""
-        return self._layout_tensor("in_channel", torch.int64)
+        """(P, Q): the input feature channel each weight row reads."""
+        return self._layout_tensor("in_channel")
 
     @property
     def gamma(self) -> Tensor:
         """(P, Q): the geometric scale γ of the manifold holding each weight row (float32)."""
-        return self._layout_tensor("gamma", torch.float32)
+        return self._layout_tensor("gamma")
 
     @property
     def _shape(self) -> tuple[int, int]:
@@ -295,7 +295,7 @@ class POM(nn.Module):
             rows = []
             for b in self.layout.buckets:
                 u0 = b.offset // (b.rows * b.cols)
-                rows.append(self.inverse[u0 : u0 + b.count])
+                rows.append(self.inverse[u0 : u0 + b.count].long())  # index_copy_ needs int64
             self._cache["rows"] = rows
         return zip(self.layout.buckets, rows)
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import pomfx
+from pomfx import fused
 from pomfx import manifolds as M
 from pomfx.parametrization import ComponentParameter
 from pomfx.renorm import poms
@@ -459,6 +460,52 @@ def test_bad_arguments():
                dict(radius=0), dict(chunk=0)):  # fmt: skip
         with pytest.raises(ValueError):
             pomfx.FGSGD(model.parameters(), **{"lr": 0.1, **kw})
+
+
+# -- fused CPU kernels (numba) -------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("momentum,nesterov", [(0.0, False), (0.9, False), (0.9, True)])
+@pytest.mark.parametrize("manifolds", ["sp+ob+st", "sp+ob+st+euc"])
+def test_fused_kernels_match_torch_kernels(manifolds, momentum, nesterov, dtype, monkeypatch):
+    """pomfx.fused (one generated, vectorised loop per phase) computes what _KernelJob's torch
+    ops compute: every mode, a large step (Cholesky-QR twice), a group with a NaN gradient."""
+    assert fused.available(3, 3), "numba is a dependency of pomfx"
+    calls = []
+    monkeypatch.setattr(fused, "phase_b", lambda *a, f=fused.phase_b: calls.append(1) or f(*a))
+    ref = small_net(manifolds, dtype=dtype)
+    new = copy.deepcopy(ref)
+    kw = dict(lr=0.1, momentum=momentum, nesterov=nesterov, weight_decay=1e-3)
+    o_ref, o_new = pomfx.FGSGD(ref.parameters(), **kw), pomfx.FGSGD(new.parameters(), **kw)
+    for step in range(4):
+        g = torch.Generator().manual_seed(step)
+        for a, b in zip(ref.parameters(), new.parameters()):
+            a.grad = torch.randn(a.shape, generator=g, dtype=a.dtype) * (5.0 if step == 0 else 0.1)
+            if step == 2 and isinstance(a, ComponentParameter):
+                a.grad[7] = float("nan")
+            b.grad = a.grad.clone()
+        with monkeypatch.context() as m:
+            m.setenv("POMFX_FUSED", "0")
+            o_ref.step()
+        o_new.step()
+    assert calls, "the fused kernels did not run"
+    rtol = 1e-5 if dtype == torch.float32 else 1e-11  # of each tensor's largest entry: rounding only
+
+    def close(x, y):
+        torch.testing.assert_close(x, y, rtol=rtol, atol=rtol * float(y.detach().abs().max()))
+
+    for a, b in zip(ref.parameters(), new.parameters()):
+        close(b, a)
+        if momentum:
+            close(o_new.state[b]["momentum_buffer"], o_ref.state[a]["momentum_buffer"])
+    assert max(pomfx.constraint_error(new).values()) <= 1e-5
+    # numba's OpenMP layer must not change torch's thread count (it did: DDP ranks then diverged)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        o_new.step()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(n)
 
 
 # -- CUDA ------------------------------------------------------------------------------------------

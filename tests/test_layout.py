@@ -63,7 +63,7 @@ def blocks(lay):
 
 def check_permutation(lay):
     n = len(lay.index)
-    assert lay.index.dtype == np.int64 and lay.inverse.dtype == np.int64
+    assert lay.index.dtype == np.int32 and lay.inverse.dtype == np.int32  # compact: one per element
     assert n == math.prod(lay.weight_shape[:2]) * (1 if lay.kernel else lay.unit)  # rows / elements
     assert np.array_equal(np.sort(lay.index), np.arange(n))
     assert np.array_equal(lay.index[lay.inverse], np.arange(n))

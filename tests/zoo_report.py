@@ -10,6 +10,7 @@ two 64×64 images (``min_size=max_size=64``; the SSDs resize to 300/320) with on
     python tests/zoo_report.py resnet18 s3d         # some models
     python tests/zoo_report.py --family video       # one family
     python tests/zoo_report.py --json out/zoo.json  # also write the rows as JSON
+    python tests/zoo_report.py --jobs 8             # 8 models at once, one thread each
 
 Each model runs in its own subprocess (memory cap ``--mem-gb``, time cap ``--timeout``), so one
 failure or one out-of-memory cannot stop the report. ``tests/test_zoo.py`` runs the same
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -285,6 +287,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mem-gb", type=float, default=16.0, help="address-space cap per model (0: none)")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per model")
     ap.add_argument("--resume", action="store_true", help="keep the rows already in --json, run the rest")
+    ap.add_argument("--jobs", type=int, default=1, help="models run at once (one thread each when > 1)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
@@ -299,18 +302,22 @@ def main(argv=None) -> int:
             rows = [r for r in json.load(f) if r["status"] == "ok" or "memory" not in r.get("reason", "")]
         done = {r["model"] for r in rows}
         todo = [(m, f) for m, f in todo if m not in done]
-    for name, family in todo:
-        row = run_isolated(name, family, a.mem_gb, a.timeout)
-        rows.append(row)
-        print(
-            f"[{len(rows)}] {family} {name}: {row['status']} "
-            f"{row.get('path', '')} {row.get('reason', '')} ({row.get('wall_s', '-')} s)",
-            file=sys.stderr,
-            flush=True,
-        )
-        if a.json:
-            with open(a.json, "w") as f:
-                json.dump(rows, f, indent=1)
+    if a.jobs > 1:
+        os.environ["OMP_NUM_THREADS"] = "1"
+    with ThreadPoolExecutor(max(1, a.jobs)) as pool:
+        futures = [pool.submit(run_isolated, name, family, a.mem_gb, a.timeout) for name, family in todo]
+        for (name, family), fut in zip(todo, futures):
+            row = fut.result()
+            rows.append(row)
+            print(
+                f"[{len(rows)}] {family} {name}: {row['status']} "
+                f"{row.get('path', '')} {row.get('reason', '')} ({row.get('wall_s', '-')} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+            if a.json:
+                with open(a.json, "w") as f:
+                    json.dump(rows, f, indent=1)
     print(table(rows))
     return 0 if all(r["status"] == "ok" or r["family"] == "detection" for r in rows) else 1
 

@@ -1,0 +1,237 @@
+"""Fused CPU kernels for FG-SGD on kernel layers (numba): one parallel loop per phase.
+
+The torch implementation of a kernel layer's step (:class:`pomfx.optim._KernelJob`) is about 80
+elementwise ops per chunk of components; on a CPU their dispatch and their passes through memory
+cost several plain SGD steps. Here each phase is one parallel loop over the components, written
+for the layer's component shape (A, B): the source is generated with every small-matrix
+operation unrolled into scalar statements, so a component's algebra runs in registers, the loop
+body has no branches (the four manifolds' formulas are chosen by per-component masks, as in
+``_KernelJob``) and the compiler vectorises it across components. The formulas, in ``_KernelJob``'s
+order (see :mod:`pomfx.optim`):
+
+- phase A: ``d = cg·G − ω·C(ωᵀ cg·G)`` with C = sym on st, ddiag on ob, trace·I on sp, 0 on euc
+  (plus ``wd·ω`` on euc); momentum ``v = μv + d`` (Nesterov ``u = d + μ(μv + d)``); ``q = ‖u‖²``;
+- phase B: ``ω ← (ω − h·u)·R⁻¹`` with R the Cholesky factor of the Gram matrix on st, the column
+  norms on ob, the Frobenius norm on sp, I on euc (once, or twice); then the momentum's transport
+  ``v ← v − ω·C(ωᵀv)``. Components whose group is not ``ok`` are left exactly as they were.
+
+Used (numba is a dependency of pomfx) for components of at most
+``MAX_ELEMENTS`` elements; :mod:`pomfx.optim` runs its torch kernels otherwise, or with
+``POMFX_FUSED=0``. Each (A, B, dtype, variant) is compiled on first use (a few seconds) and kept
+in numba's on-disk cache, under ``~/.cache/pomfx`` (or ``$POMFX_CACHE``).
+
+Known limit: LLVM vectorises phase A, and phase B for B ≤ 2 columns, but not phase B for B = 3
+(3×3 kernels; seen in the assembly): splitting that loop is the next speed-up.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+try:
+    import numba
+except ImportError:  # pragma: no cover - exercised where numba is absent
+    numba = None
+
+__all__ = ["MAX_ELEMENTS", "available", "phase_a", "phase_b"]
+
+_VERSION = 2  # of the generated source: bump when the generators change
+MAX_ELEMENTS = 16  # A·B up to which the unrolled kernels are used (3×3, 1×3, 3×1, 2×2, 1×5, ...)
+_CACHE: dict = {}
+
+
+def available(rows: int, cols: int) -> bool:
+    """Whether fused kernels serve (rows × cols) components here (numba importable, small
+    enough, not disabled by ``POMFX_FUSED=0``)."""
+    return numba is not None and rows * cols <= MAX_ELEMENTS and os.environ.get("POMFX_FUSED", "1") != "0"
+
+
+# -- source generation --------------------------------------------------------------------------
+def _masks() -> list[str]:
+    return [
+        "t = types[c]",
+        "msp = one if t == 0 else zero",
+        "mob = one if t == 1 else zero",
+        "mst = one if t == 2 else zero",
+        "meuc = one if t == 3 else zero",
+    ]
+
+
+def _remove_normal(a: int, b: int, x: str, y: str) -> list[str]:
+    """Statements: y ← y − x·C(xᵀy), C = mst·sym + mob·ddiag + msp·tr·I (scalars x{i}_{j})."""
+    out = []
+    for k in range(b):
+        for j in range(b):
+            terms = " + ".join(f"{x}{i}_{k} * {y}{i}_{j}" for i in range(a))
+            out.append(f"m{k}_{j} = {terms}")
+    out.append("tr = " + " + ".join(f"m{j}_{j}" for j in range(b)))
+    for k in range(b):
+        for j in range(b):
+            c = f"mst * half * (m{k}_{j} + m{j}_{k})"
+            if k == j:
+                c += f" + mob * m{k}_{k} + msp * tr"
+            out.append(f"C{k}_{j} = {c}")
+    for i in range(a):
+        for j in range(b):
+            terms = " + ".join(f"{x}{i}_{k} * C{k}_{j}" for k in range(b))
+            out.append(f"{y}{i}_{j} = {y}{i}_{j} - ({terms})")
+    return out
+
+
+def _source_a(a: int, b: int, mode: int) -> str:
+    ind = " " * 8
+    body = _masks()
+    body += [f"x{i}_{j} = X[{i}, {j}, c]" for i in range(a) for j in range(b)]
+    body += [f"d{i}_{j} = cg[c] * G[{i}, {j}, c]" for i in range(a) for j in range(b)]
+    body += _remove_normal(a, b, "x", "d")
+    body.append("w = meuc * wd[c]")
+    body.append("qq = zero")
+    for i in range(a):
+        for j in range(b):
+            body.append(f"dd = d{i}_{j} + w * x{i}_{j}")
+            if mode == 0:
+                body += ["u = dd", f"U[{i}, {j}, c] = u"]
+            elif mode == 1:
+                body += [f"u = mu_eff[c] * V[{i}, {j}, c] + dd", f"V[{i}, {j}, c] = u"]
+            else:
+                body += [f"v = mu_eff[c] * V[{i}, {j}, c] + dd", f"V[{i}, {j}, c] = v"]
+                body += ["u = dd + mu * v", f"U[{i}, {j}, c] = u"]
+            body.append("qq += u * u")
+    body.append("q[c] = qq")
+    return (
+        "def kernel(X, G, V, U, cg, mu_eff, wd, types, mu, q):\n"
+        "    zero, one, half = F(0), F(1), F(0.5)\n"
+        "    mu = F(mu)\n"
+        "    for c in prange(X.shape[2]):\n" + "\n".join(ind + s for s in body) + "\n"
+    )
+
+
+def _source_b(a: int, b: int, reps: int, transport: bool) -> str:
+    ind = " " * 8
+    body = _masks()
+    body.append("okc = ok[c]")
+    body += [f"o{i}_{j} = X[{i}, {j}, c]" for i in range(a) for j in range(b)]
+    body += [f"y{i}_{j} = o{i}_{j} - h[c] * U[{i}, {j}, c]" for i in range(a) for j in range(b)]
+    for _ in range(reps):
+        for k in range(b):
+            for j in range(k, b):
+                body.append(f"P{k}_{j} = " + " + ".join(f"y{i}_{k} * y{i}_{j}" for i in range(a)))
+        body.append("fro = np.sqrt(np.maximum(" + " + ".join(f"P{j}_{j}" for j in range(b)) + ", tiny))")
+        for j in range(b):  # Cholesky of mst·P + (1 − mst)·I
+            for k in range(j, b):
+                s = f"mst * P{j}_{k}" + (" + (one - mst)" if k == j else "")
+                s += "".join(f" - r{p}_{j} * r{p}_{k}" for p in range(j))
+                if k == j:
+                    body.append(f"r{j}_{j} = np.sqrt(np.maximum({s}, tiny))")
+                else:
+                    body.append(f"r{j}_{k} = ({s}) / r{j}_{j}")
+        for j in range(b):  # the diagonal: Cholesky on st, the norms elsewhere
+            col = f"np.sqrt(np.maximum(P{j}_{j}, tiny))"
+            body.append(f"r{j}_{j} = mst * r{j}_{j} + mob * {col} + msp * fro + meuc")
+        for j in range(b):  # y ← y·R⁻¹
+            for i in range(a):
+                s = f"y{i}_{j}" + "".join(f" - y{i}_{k} * r{k}_{j}" for k in range(j))
+                body.append(f"y{i}_{j} = ({s}) / r{j}_{j}")
+    # selects between values already loaded: no conditional memory access (the loop vectorises)
+    body += [f"X[{i}, {j}, c] = y{i}_{j} if okc else o{i}_{j}" for i in range(a) for j in range(b)]
+    if transport:
+        body += [f"p{i}_{j} = V[{i}, {j}, c]" for i in range(a) for j in range(b)]
+        body += [f"v{i}_{j} = p{i}_{j}" for i in range(a) for j in range(b)]
+        body += _remove_normal(a, b, "y", "v")
+        body += [f"V[{i}, {j}, c] = v{i}_{j} if okc else p{i}_{j}" for i in range(a) for j in range(b)]
+    return (
+        "def kernel(X, U, V, h, types, ok, tiny):\n"
+        "    zero, one, half = F(0), F(1), F(0.5)\n"
+        "    tiny = F(tiny)\n"
+        "    for c in prange(X.shape[2]):\n" + "\n".join(ind + s for s in body) + "\n"
+    )
+
+
+# fused multiply-adds and reciprocals; no reassociation (a component's result must not depend on
+# whether it falls in the vectorised body or the scalar remainder of a thread's range: DDP ranks
+# and one process must agree), no "nnan"/"ninf" (non-finite values keep their IEEE meaning)
+_FASTMATH = {"contract", "arcp"}
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("POMFX_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pomfx"
+    )
+    return Path(root) / f"fused-{_VERSION}-numba{numba.__version__}"
+
+
+def _compiled(key: tuple, source, dtype: np.dtype):
+    """The kernel for ``key``: compiled from ``source()`` on first use in a process. The source is
+    written to a module in the user's cache folder (atomically: ranks may race) so that numba's
+    own on-disk cache can keep the machine code from one process to the next."""
+    fn = _CACHE.get(key)
+    if fn is None:
+        name = "k_" + "_".join(str(k).replace("<", "").replace(">", "") for k in key)
+        folder = _cache_dir()
+        path = folder / f"{name}.py"
+        text = f"import numpy as np\nfrom numba import prange\nF = np.{dtype.name}\n\n{source()}"
+        try:
+            if not path.exists() or path.read_text() != text:
+                folder.mkdir(parents=True, exist_ok=True)
+                tmp = folder / f".{name}.{os.getpid()}.tmp"
+                tmp.write_text(text)
+                os.replace(tmp, path)
+            spec = importlib.util.spec_from_file_location(f"pomfx_fused_{name}", path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module  # numba's cache re-imports it by name
+            spec.loader.exec_module(module)
+            kernel, cache = module.kernel, True
+        except OSError:  # no writable cache folder: compile in memory
+            scope: dict = {}
+            exec(compile(text, f"<pomfx.fused {name}>", "exec"), scope)
+            kernel, cache = scope["kernel"], False
+        jit = numba.njit(parallel=True, nogil=True, error_model="numpy", fastmath=_FASTMATH, cache=cache)
+        fn = _CACHE[key] = jit(kernel)
+    return fn
+
+
+# -- entry points -------------------------------------------------------------------------------
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().numpy()
+
+
+def _run(fn, *args) -> None:
+    """``fn(*args)`` on as many numba threads as torch uses, torch's thread count unchanged.
+
+    numba's OpenMP threading layer (its default where available) shares torch's OpenMP runtime:
+    it is fast here (no second pool spinning against torch's), but starting it resets the OpenMP
+    thread count, so a model trained with ``torch.set_num_threads(1)`` would run its convolutions
+    on every core after the first step (and round differently from a run that never stepped).
+    The count is put back after each call."""
+    n = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+    fn(*args)
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+def phase_a(X, G, V, U, cg, mu_eff, wd, types, mode: int, mu: float, q) -> None:
+    """Phase A in place on V (modes 1, 2), U (modes 0, 2) and ``q`` (N,); X, G, V, U are (A, B, N).
+    ``mode``: 0 no momentum, 1 heavy ball, 2 Nesterov; ``cg``, ``mu_eff``, ``wd``: (N,)."""
+    a, b, _ = X.shape
+    x = _np(X)
+    fn = _compiled(("a", a, b, mode, x.dtype.str), lambda: _source_a(a, b, mode), x.dtype)
+    v, u = _np(X if V is None else V), _np(X if U is None else U)
+    _run(fn, x, _np(G), v, u, _np(cg), _np(mu_eff), _np(wd), _np(types), mu, _np(q))
+
+
+def phase_b(X, U, V, h, types, ok, reps: int, transport: bool) -> None:
+    """Phase B in place on X (and V when ``transport``): retraction with step ``h`` (N,) along U,
+    ``reps`` normalisations, transport; components with ``ok`` False untouched."""
+    a, b, _ = X.shape
+    x = _np(X)
+    key = ("b", a, b, reps, transport, x.dtype.str)
+    fn = _compiled(key, lambda: _source_b(a, b, reps, transport), x.dtype)
+    v = _np(X if V is None else V)
+    _run(fn, x, _np(U), v, _np(h), _np(types), _np(ok), float(torch.finfo(X.dtype).tiny))
