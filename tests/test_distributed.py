@@ -63,15 +63,6 @@ def ranks(tmp_path_factory):
     return launch(tmp_path_factory.mktemp("ddp"))
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors: one thread is as fast, and immune to a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _no_error(ranks, check):
     for r in ranks:
         assert check not in r["errors"], f"rank {r['rank']}, check {check!r}:\n{r['errors'][check]}"
