@@ -20,8 +20,8 @@ Used (numba is a dependency of pomfx) for components of at most
 ``POMFX_FUSED=0``. Each (A, B, dtype, variant) is compiled on first use (a few seconds) and kept
 in numba's on-disk cache, under ``~/.cache/pomfx`` (or ``$POMFX_CACHE``).
 
-Known limit: LLVM vectorises phase A, and phase B for B ≤ 2 columns, but not phase B for B = 3
-(3×3 kernels; seen in the assembly): splitting that loop is the next speed-up.
+Vectorisation is checked in the assembly (``vsqrtps``/``vfmadd…ps``): a load from a bool array in
+the loop body stopped it (phase B 5× slower), hence the int8 ``ok``.
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ try:
 except ImportError:  # pragma: no cover - exercised where numba is absent
     numba = None
 
-__all__ = ["MAX_ELEMENTS", "available", "phase_a", "phase_b"]
+__all__ = ["MAX_ELEMENTS", "available", "phase_a", "phase_b", "scale_to_weight"]
 
-_VERSION = 2  # of the generated source: bump when the generators change
+_VERSION = 3  # of the generated source: bump when the generators change
 MAX_ELEMENTS = 16  # A·B up to which the unrolled kernels are used (3×3, 1×3, 3×1, 2×2, 1×5, ...)
 _CACHE: dict = {}
 
@@ -115,7 +115,7 @@ def _source_a(a: int, b: int, mode: int) -> str:
 def _source_b(a: int, b: int, reps: int, transport: bool) -> str:
     ind = " " * 8
     body = _masks()
-    body.append("okc = ok[c]")
+    body.append("okc = ok[c] != 0")  # ok as int8: a bool array's loads stop LLVM vectorising
     body += [f"o{i}_{j} = X[{i}, {j}, c]" for i in range(a) for j in range(b)]
     body += [f"y{i}_{j} = o{i}_{j} - h[c] * U[{i}, {j}, c]" for i in range(a) for j in range(b)]
     for _ in range(reps):
@@ -164,6 +164,20 @@ def _cache_dir() -> Path:
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pomfx"
     )
     return Path(root) / f"fused-{_VERSION}-numba{numba.__version__}"
+
+
+def _source_w(a: int, b: int, transpose: bool) -> str:
+    """W[n] = s[n]·ω[:, :, n] (transposed for wide kernels) into W (N, A·B): ω's structure-of-arrays
+    storage to the weight in one pass. (The backward's map the other way stays a torch multiply:
+    a numba loop there, run inside autograd's backward, measured slower.)"""
+    ind = " " * 8
+    body = ["sc = s[c]"]
+    for i in range(a):
+        for j in range(b):
+            k = j * a + i if transpose else i * b + j
+            body.append(f"W[c, {k}] = sc * X[{i}, {j}, c]")
+    head = "def kernel(X, W, s):\n    for c in prange(X.shape[2]):\n"
+    return head + "\n".join(ind + t for t in body) + "\n"
 
 
 def _compiled(key: tuple, source, dtype: np.dtype):
@@ -234,4 +248,15 @@ def phase_b(X, U, V, h, types, ok, reps: int, transport: bool) -> None:
     key = ("b", a, b, reps, transport, x.dtype.str)
     fn = _compiled(key, lambda: _source_b(a, b, reps, transport), x.dtype)
     v = _np(X if V is None else V)
-    _run(fn, x, _np(U), v, _np(h), _np(types), _np(ok), float(torch.finfo(X.dtype).tiny))
+    ok8 = _np(ok.view(torch.int8))
+    _run(fn, x, _np(U), v, _np(h), _np(types), ok8, float(torch.finfo(X.dtype).tiny))
+
+
+def scale_to_weight(X, s, transpose: bool) -> torch.Tensor:
+    """``W (N, A·B)`` with ``W[n] = s[n]·X[:, :, n]`` (flattened; its transpose when ``transpose``)."""
+    a, b, n = X.shape
+    x = _np(X)
+    fn = _compiled(("w", a, b, transpose, x.dtype.str), lambda: _source_w(a, b, transpose), x.dtype)
+    out = X.new_empty(n, a * b)
+    _run(fn, x, _np(out), _np(s))
+    return out

@@ -572,9 +572,10 @@ class _KernelJob:
         for (_, g, _), (i, j) in zip(segs, spans):
             torch.sum(g, (0, 1), out=gsum[i:j])
         fin = torch.isfinite(gsum)
-        ok = fin if self.gid is None else self.group_sum((~fin).to(torch.int32))[self.gid] == 0
-        if not self.cuda and bool(ok.all()):
+        if not self.cuda and bool(fin.all()):  # the common case: no group to skip
             ok = None
+        else:
+            ok = fin if self.gid is None else self.group_sum((~fin).to(torch.int32))[self.gid] == 0
         okf = None
         if ok is not None:
             segs = [(x, torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0), v) for x, g, v in segs]
@@ -599,8 +600,10 @@ class _KernelJob:
         # phase A: u = momentum (or d), and ‖u_c‖²
         if fuse:
             mode = 0 if mu == 0 else (2 if nesterov else 1)
-            mu_n = mu_eff if isinstance(mu_eff, Tensor) else torch.full((n,), mu, dtype=dt)
-            wd_n = torch.zeros(n, dtype=dt) if wd_euc is None else torch.zeros(n, dtype=dt).add_(wd_euc)
+            mu_n = mu_eff if isinstance(mu_eff, Tensor) else ws.get("mu", (n,), X).fill_(mu)
+            wd_n = ws.get("wd", (n,), X).zero_()
+            if wd_euc is not None:
+                wd_n.add_(wd_euc)
             for (x, g, v), u, (i, j) in zip(segs, Us, spans):
                 u = None if heavy else u
                 fused.phase_a(x, g, v, u, cg[i:j], mu_n[i:j], wd_n[i:j], self.types[i:j], mode, mu, q[i:j])
@@ -650,12 +653,15 @@ class _KernelJob:
 
         # phase B: retraction, then transport of the momentum
         if fuse:
-            okb = ok if ok is not None else torch.ones(n, dtype=torch.bool)
+            if ok is None:
+                ok = self._all_ok = getattr(self, "_all_ok", None)
+                if ok is None or ok.numel() != n:
+                    ok = self._all_ok = torch.ones(n, dtype=torch.bool)
             transport = mu != 0 and self.constrained
             reps = 2 if twice else 1
             for (x, _, v), u, (i, j) in zip(segs, Us, spans):
                 v = v if transport else None
-                fused.phase_b(x, u, v, h[i:j], self.types[i:j], okb[i:j], reps, transport)
+                fused.phase_b(x, u, v, h[i:j], self.types[i:j], ok[i:j], reps, transport)
             return
         for i, j in self.chunks:
             Xc, Uc = X[..., i:j], U[..., i:j]

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from . import fused
 from . import manifolds as _m
 from .layout import Layout
 
@@ -67,6 +68,11 @@ def _rebuild_component(data: Tensor, requires_grad: bool, pom) -> ComponentParam
     return ComponentParameter(data, pom, requires_grad)
 
 
+def _fusable(t: Tensor, a: int, b: int) -> bool:
+    """Whether the fused CPU kernels (:mod:`pomfx.fused`) serve this map."""
+    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and fused.available(a, b)
+
+
 class _ScaleKernels(torch.autograd.Function):
     """Kernel layouts: ``W[n] = R[n] · ω[:, :, n]`` (or its transpose), one multiply each way.
 
@@ -86,6 +92,8 @@ class _ScaleKernels(torch.autograd.Function):
         ctx.shape = (a, b, transpose)
         if torch.compiler.is_compiling():  # out= does not fix the strides under tracing
             return (xw * s).contiguous()
+        if _fusable(omega, a, b):
+            return fused.scale_to_weight(x, s.view(n), transpose).view(xw.shape)
         return torch.mul(xw, s, out=omega.new_empty(xw.shape))  # contiguous, in one pass
 
     @staticmethod
