@@ -485,7 +485,8 @@ def apply_layout(
     w = getattr(module, tensor)
     pom = POM(layout, renorm).to(w.device)
     pom.calibrate(w)
-    parametrize.register_parametrization(module, tensor, pom)
+    # unsafe: no check forward (POM keeps the weight's shape and dtype; tests assert it)
+    parametrize.register_parametrization(module, tensor, pom, unsafe=True)
     plist = module.parametrizations[tensor]
     plist.original = ComponentParameter(plist.original.data, pom, plist.original.requires_grad)
     make_portable(module)

@@ -11,9 +11,13 @@ order (see :mod:`pomfx.optim`):
 
 - phase A: ``d = cg·G − ω·C(ωᵀ cg·G)`` with C = sym on st, ddiag on ob, trace·I on sp, 0 on euc
   (plus ``wd·ω`` on euc); momentum ``v = μv + d`` (Nesterov ``u = d + μ(μv + d)``); ``q = ‖u‖²``;
+  the heavy ball can write ``u = μv + d`` to U and leave V alone (mode 3: V is then only written by
+  phase B, so a step found non-finite after phase A has changed nothing);
 - phase B: ``ω ← (ω − h·u)·R⁻¹`` with R the Cholesky factor of the Gram matrix on st, the column
   norms on ob, the Frobenius norm on sp, I on euc (once, or twice); then the momentum's transport
-  ``v ← v − ω·C(ωᵀv)``. Components whose group is not ``ok`` are left exactly as they were.
+  ``V ← s − ω·C(ωᵀs)`` of ``s`` (V itself, or U after mode 3). Components whose group is not
+  ``ok`` are left exactly as they were;
+- between them, :func:`step_size`: the group sums of q and each component's step size h.
 
 Used (numba is a dependency of pomfx) for components of at most
 ``MAX_ELEMENTS`` elements; :mod:`pomfx.optim` runs its torch kernels otherwise, or with
@@ -39,9 +43,9 @@ try:
 except ImportError:  # pragma: no cover - exercised where numba is absent
     numba = None
 
-__all__ = ["MAX_ELEMENTS", "available", "phase_a", "phase_b", "scale_to_weight"]
+__all__ = ["MAX_ELEMENTS", "available", "phase_a", "phase_b", "scale_to_weight", "step_size"]
 
-_VERSION = 3  # of the generated source: bump when the generators change
+_VERSION = 4  # of the generated source: bump when the generators change
 MAX_ELEMENTS = 16  # A·B up to which the unrolled kernels are used (3×3, 1×3, 3×1, 2×2, 1×5, ...)
 _CACHE: dict = {}
 
@@ -99,6 +103,8 @@ def _source_a(a: int, b: int, mode: int) -> str:
                 body += ["u = dd", f"U[{i}, {j}, c] = u"]
             elif mode == 1:
                 body += [f"u = mu_eff[c] * V[{i}, {j}, c] + dd", f"V[{i}, {j}, c] = u"]
+            elif mode == 3:  # heavy ball into U: V is left as it was
+                body += [f"u = mu_eff[c] * V[{i}, {j}, c] + dd", f"U[{i}, {j}, c] = u"]
             else:
                 body += [f"v = mu_eff[c] * V[{i}, {j}, c] + dd", f"V[{i}, {j}, c] = v"]
                 body += ["u = dd + mu * v", f"U[{i}, {j}, c] = u"]
@@ -141,12 +147,12 @@ def _source_b(a: int, b: int, reps: int, transport: bool) -> str:
     # selects between values already loaded: no conditional memory access (the loop vectorises)
     body += [f"X[{i}, {j}, c] = y{i}_{j} if okc else o{i}_{j}" for i in range(a) for j in range(b)]
     if transport:
-        body += [f"p{i}_{j} = V[{i}, {j}, c]" for i in range(a) for j in range(b)]
+        body += [f"p{i}_{j} = S[{i}, {j}, c]" for i in range(a) for j in range(b)]
         body += [f"v{i}_{j} = p{i}_{j}" for i in range(a) for j in range(b)]
         body += _remove_normal(a, b, "y", "v")
         body += [f"V[{i}, {j}, c] = v{i}_{j} if okc else p{i}_{j}" for i in range(a) for j in range(b)]
     return (
-        "def kernel(X, U, V, h, types, ok, tiny):\n"
+        "def kernel(X, U, V, S, h, types, ok, tiny):\n"
         "    zero, one, half = F(0), F(1), F(0.5)\n"
         "    tiny = F(tiny)\n"
         "    for c in prange(X.shape[2]):\n" + "\n".join(ind + s for s in body) + "\n"
@@ -180,7 +186,7 @@ def _source_w(a: int, b: int, transpose: bool) -> str:
     return head + "\n".join(ind + t for t in body) + "\n"
 
 
-def _compiled(key: tuple, source, dtype: np.dtype):
+def _compiled(key: tuple, source, dtype: np.dtype, parallel: bool = True):
     """The kernel for ``key``: compiled from ``source()`` on first use in a process. The source is
     written to a module in the user's cache folder (atomically: ranks may race) so that numba's
     own on-disk cache can keep the machine code from one process to the next."""
@@ -205,7 +211,7 @@ def _compiled(key: tuple, source, dtype: np.dtype):
             scope: dict = {}
             exec(compile(text, f"<pomfx.fused {name}>", "exec"), scope)
             kernel, cache = scope["kernel"], False
-        jit = numba.njit(parallel=True, nogil=True, error_model="numpy", fastmath=_FASTMATH, cache=cache)
+        jit = numba.njit(parallel=parallel, nogil=True, error_model="numpy", fastmath=_FASTMATH, cache=cache)
         fn = _CACHE[key] = jit(kernel)
     return fn
 
@@ -240,16 +246,52 @@ def phase_a(X, G, V, U, cg, mu_eff, wd, types, mode: int, mu: float, q) -> None:
     _run(fn, x, _np(G), v, u, _np(cg), _np(mu_eff), _np(wd), _np(types), mu, _np(q))
 
 
-def phase_b(X, U, V, h, types, ok, reps: int, transport: bool) -> None:
+def phase_b(X, U, V, h, types, ok, reps: int, transport: bool, S=None) -> None:
     """Phase B in place on X (and V when ``transport``): retraction with step ``h`` (N,) along U,
-    ``reps`` normalisations, transport; components with ``ok`` False untouched."""
+    ``reps`` normalisations, transport into V of ``S`` (default V itself); components with ``ok``
+    False untouched."""
     a, b, _ = X.shape
     x = _np(X)
     key = ("b", a, b, reps, transport, x.dtype.str)
     fn = _compiled(key, lambda: _source_b(a, b, reps, transport), x.dtype)
     v = _np(X if V is None else V)
+    src = v if S is None else _np(S)
     ok8 = _np(ok.view(torch.int8))
-    _run(fn, x, _np(U), v, _np(h), _np(types), ok8, float(torch.finfo(X.dtype).tiny))
+    _run(fn, x, _np(U), v, src, _np(h), _np(types), ok8, float(torch.finfo(X.dtype).tiny))
+
+
+_STEP_SIZE = """
+def kernel(q, gid, norm_g, types, lr, radius, qg, h):
+    lr = F(lr)
+    radius = F(radius)
+    for k in range(qg.shape[0]):
+        qg[k] = 0
+    for c in range(q.shape[0]):
+        qg[gid[c]] += q[c]
+    for k in range(qg.shape[0]):
+        t = F(1) / max(np.sqrt(qg[k]) * lr, F(1e-30))
+        qg[k] = min(t * norm_g[k] * radius, F(1))
+    big = F(0)
+    for c in range(q.shape[0]):
+        f = F(1) if types[c] == 3 else qg[gid[c]]
+        hc = f * lr
+        h[c] = hc
+        big = max(big, hc * hc * q[c])
+    return big
+"""
+
+
+def step_size(q, gid, norm_g, types, lr: float, radius: float, qg, h) -> float:
+    """FG-SGD's step size of every component into ``h`` (N,), from ``q = ‖u_c‖²`` (N,)::
+
+        h_c = lr · min(1, δ‖ω_g‖ / (lr·‖u_g‖)),  ‖u_g‖² = Σ_{c∈g} q_c   (lr on euc components)
+
+    for group ``gid[c]``, ``norm_g = ‖ω_g‖`` (G,), δ = ``radius``; ``qg`` is a (G,) workspace.
+    Returns max_c h_c²·q_c (the largest squared step). One serial loop each way: a few hundred
+    thousand components cost less than the dozen torch ops it replaces."""
+    x = _np(q)
+    fn = _compiled(("h", x.dtype.str), lambda: _STEP_SIZE, x.dtype, parallel=False)
+    return float(fn(x, _np(gid), _np(norm_g), _np(types), float(lr), float(radius), _np(qg), _np(h)))
 
 
 def scale_to_weight(X, s, transpose: bool) -> torch.Tensor:

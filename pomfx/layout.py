@@ -105,25 +105,80 @@ class Bucket:
 class Layout:
     """Where each stored component element lives in the weight, and what it is constrained to.
 
-    ``index`` gathers the weight from storage: ``W.view(P*Q, unit) = stored.view(-1, unit)[index]``
-    with ``unit = K`` for kernels and 1 for blocks; ``inverse`` is its inverse permutation.
-    ``gamma[p, q]`` (float32) is the geometric scale of the manifold holding weight row (p, q), and
-    ``in_channel[p, q]`` the input feature channel that row reads (for λ). The integer arrays are
-    int32 (int64 from 2³¹ units on): a block layout holds them per weight element, and int64 made
-    them 5× the size of the weight itself (the zoo's largest models ran out of memory).
+    ``inverse`` maps storage to the weight: storage unit u is unit ``inverse[u]`` of
+    ``W.view(P*Q, unit)``, with ``unit = K`` for kernels and 1 for blocks. It is the one array a
+    layout keeps (int32; int64 from 2³¹ units on): a block layout holds it per weight element.
+    Everything else per unit is computed when asked for, so that it costs no memory in training
+    (the zoo's largest models, 645 M weights, ran out of memory while a layout also kept these):
+    ``index`` (its inverse permutation, ``W.view(P*Q, unit) = stored.view(-1, unit)[index]``),
+    ``gamma[p, q]`` (float32: the geometric scale of the manifold holding weight row (p, q)) and
+    ``in_channel[p, q]`` (the input feature channel that row reads, for λ; :meth:`channel_view`
+    gives the same as a broadcast).
     """
 
     weight_shape: tuple[int, ...]
     kernel: bool
     transpose: bool
     buckets: tuple[Bucket, ...]
-    index: np.ndarray
     inverse: np.ndarray
-    gamma: np.ndarray
-    in_channel: np.ndarray
-    in_features: int
+    dims: tuple[int, int, int]  # (conv groups, input channels per group, output channels per group)
+    transposed: bool  # a ConvTranspose weight: row p reads input channel p
+    checksum: int  # crc32 of ``index`` as int64: compared when a checkpoint is loaded
     options: dict
+    # blocks: γ of each block (G, n_out_chunks, n_in_chunks) and the chunk of every output /
+    # input channel (G, D_g), (G, C): γ per weight element from a table lookup, not a scatter
+    gamma_tables: tuple[np.ndarray, np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+    # blocks: per bucket, the flat weight position of one element in each input channel of each
+    # block, shaped (count, A, 1) when a block's rows are its input channels, else (count, 1, B):
+    # R is constant along a block's output channels, so this reads R of every element as a broadcast
+    scale_probes: tuple[np.ndarray, ...] | None = field(default=None, repr=False)
     _summary: dict | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def in_features(self) -> int:
+        return self.dims[0] * self.dims[1]
+
+    @property
+    def index(self) -> np.ndarray:
+        """Weight unit ← storage unit (the inverse permutation of ``inverse``), computed."""
+        index = np.empty_like(self.inverse)
+        index[self.inverse] = np.arange(len(self.inverse), dtype=self.inverse.dtype)
+        return index
+
+    @property
+    def gamma(self) -> np.ndarray:
+        """(P, Q) float32: γ of the manifold holding each weight row, computed."""
+        if self.gamma_tables is not None:
+            gtab, oid, iid = self.gamma_tables
+            if len(gtab) == 1:  # the common case, in 2-D ops (much faster than take_along_axis)
+                gamma = np.take(gtab[0][oid[0]], iid[0], axis=1)[None]
+            else:
+                gamma = np.take_along_axis(gtab[np.arange(len(gtab))[:, None], oid], iid[:, None, :], 2)
+            if self.transposed:  # weight layout (g, c, d)
+                gamma = gamma.transpose(0, 2, 1)
+            return np.ascontiguousarray(gamma).reshape(self.weight_shape[:2])
+        per_bucket = np.asarray([_m.get(b.manifold).gamma(b.cols) for b in self.buckets], dtype=np.float32)
+        gamma = np.empty(len(self.inverse), dtype=np.float32)
+        gamma[self.inverse] = np.repeat(per_bucket, [b.count for b in self.buckets])
+        return gamma.reshape(self.weight_shape[:2])
+
+    def channel_view(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """``(rows_shape, channel_shape)``: a (P, Q) array viewed as ``rows_shape`` lines up with a
+        per-input-channel vector viewed as ``channel_shape`` (a broadcast), i.e. with
+        ``in_channel``: (G, D_g, C) against (G, 1, C); ConvTranspose: (P, Q) against (P, 1)."""
+        p, q = self.weight_shape[:2]
+        gc, c_per, d_per = self.dims
+        if self.transposed:
+            return (p, q), (p, 1)
+        return (gc, d_per, c_per), (gc, 1, c_per)
+
+    @property
+    def in_channel(self) -> np.ndarray:
+        """(P, Q): the input feature channel each weight row reads, computed."""
+        rows, chan = self.channel_view()
+        c = np.arange(self.in_features).reshape(chan)
+        small = np.int32 if self.inverse.dtype == np.int32 else _I64
+        return np.ascontiguousarray(np.broadcast_to(c, rows), dtype=small).reshape(self.weight_shape[:2])
 
     @property
     def unit(self) -> int:
@@ -144,7 +199,7 @@ class Layout:
                 **self.options,
                 "weight_shape": list(self.weight_shape),
                 "buckets": [[b.manifold, b.rows, b.cols, b.count, len(b.group_sizes)] for b in self.buckets],
-                "checksum": zlib.crc32(np.ascontiguousarray(self.index, dtype=_I64).tobytes()),
+                "checksum": self.checksum,
             }
         return {**self._summary, "buckets": [list(b) for b in self._summary["buckets"]]}
 
@@ -183,40 +238,28 @@ def _ranges(starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     return shift + np.arange(total, dtype=_I64)
 
 
-def _in_channel(shape, dims, transposed) -> np.ndarray:
-    """The input feature channel that weight row (p, q) reads, as a (P, Q) int64 array."""
-    _, c_per, d_per = dims
-    p, q = shape[0], shape[1]
-    if transposed:  # ConvTranspose: row p is input channel p
-        return np.repeat(np.arange(p, dtype=_I64), q).reshape(p, q)
-    return np.add.outer((np.arange(p, dtype=_I64) // d_per) * c_per, np.arange(q, dtype=_I64))
-
-
 def _finish(
-    shape, kernel, transpose, buckets, inverse, gammas, dims, transposed, options, index=None, gamma=None
+    shape, kernel, transpose, buckets, inverse, dims, transposed, options, index=None, gtabs=None, probes=None
 ):
-    """Completes a Layout: ``index`` (the inverse permutation of ``inverse``, by a scatter unless
-    given), ``gamma`` per weight row (from the buckets' ``gammas`` unless given), input channels."""
-    p, q = shape[0], shape[1]
+    """Completes a Layout: the checksum of ``index`` (the inverse permutation of ``inverse``, by a
+    scatter unless given; not kept) and ``inverse`` in its compact dtype."""
     n = len(inverse)
     if index is None:
         index = np.empty(n, dtype=_I64)
         index[inverse] = np.arange(n, dtype=_I64)
-    if gamma is None:
-        unit = (lambda b: b.count) if kernel else (lambda b: b.numel)
-        gamma = np.repeat(np.asarray(gammas, dtype=np.float32), [unit(b) for b in buckets])[index]
-    small = np.int32 if max(n, p * q) < 2**31 else _I64
+    small = np.int32 if max(n, shape[0] * shape[1]) < 2**31 else _I64
     return Layout(
         weight_shape=tuple(shape),
         kernel=kernel,
         transpose=transpose,
         buckets=tuple(buckets),
-        index=np.ascontiguousarray(index, dtype=small).reshape(-1),
         inverse=np.ascontiguousarray(inverse, dtype=small),
-        gamma=np.ascontiguousarray(gamma).reshape(p, q),
-        in_channel=np.ascontiguousarray(_in_channel(shape, dims, transposed), dtype=small),
-        in_features=dims[0] * dims[1],
+        dims=tuple(int(d) for d in dims),
+        transposed=bool(transposed),
+        checksum=zlib.crc32(np.ascontiguousarray(index, dtype=_I64).reshape(-1).tobytes()),
         options=options,
+        gamma_tables=gtabs,
+        scale_probes=None if probes is None else tuple(np.ascontiguousarray(p, dtype=small) for p in probes),
     )
 
 
@@ -302,7 +345,7 @@ def _kernel_layout(rng, shape, dims, scheme, types, group_size, transposed, opti
     transpose = a < b
     a, b = max(a, b), min(a, b)
 
-    buckets, gammas, offset = [], [], 0
+    buckets, offset = [], 0
     counts = np.bincount(gtype, minlength=len(types))
     first = np.searchsorted(gtype, np.arange(len(types)))
     for t, mname in enumerate(types):
@@ -311,16 +354,15 @@ def _kernel_layout(rng, shape, dims, scheme, types, group_size, transposed, opti
         gs = sizes[first[t] : first[t] + counts[t]]
         count = int(gs.sum())
         buckets.append(Bucket(mname, a, b, count, offset, tuple(gs.tolist())))
-        gammas.append(_m.get(mname).gamma(b))
         offset += count * a * b
-    return _finish(shape, True, transpose, buckets, inverse, gammas, dims, transposed, options)
+    return _finish(shape, True, transpose, buckets, inverse, dims, transposed, options)
 
 
 # -- K = 1: one component per block -----------------------------------------------------------
 def _block_layout(rng, shape, dims, scheme, types, group_size, transposed, options) -> Layout:
     """Blocks of a K = 1 weight. Per element, three sequential passes: ``inverse`` (storage ->
     weight) by broadcasting each bucket's row and column offsets, and ``index`` (weight ->
-    storage) and ``gamma`` from per-channel and per-block tables (no scatter over elements)."""
+    storage, for the checksum) from per-channel and per-block tables (no scatter over elements)."""
     gc, c_per, d_per = dims
     if scheme == "po":
         oc, ic = _chunks(d_per, group_size or min(d_per, c_per)), np.array([c_per], dtype=_I64)
@@ -362,7 +404,7 @@ def _block_layout(rng, shape, dims, scheme, types, group_size, transposed, optio
     tall_t = ic[None, :] >= oc[:, None]  # (n_oc, n_ic): stored as the (i × o) transpose
     o_stride = np.where(tall_t, 1, ic[None, :])  # storage stride of the out position in a block
     i_stride = np.where(tall_t, oc[:, None], 1)  # ... of the in position
-    buckets, offset = [], 0
+    buckets, probes, offset = [], [], 0
     for t, mname in enumerate(types):
         for os_, is_ in shapes:
             ob, ib = np.flatnonzero(oc == os_), np.flatnonzero(ic == is_)
@@ -379,12 +421,13 @@ def _block_layout(rng, shape, dims, scheme, types, group_size, transposed, optio
             if is_ >= os_:  # stored tall: the (i × o) transpose of the block
                 a, b = is_, os_
                 np.add(cols[:, :, None], rows[:, None, :], out=out.reshape(nb, a, b))
+                probes.append(cols[:, :, None] + rows[:, None, :1])
             else:
                 a, b = os_, is_
                 np.add(rows[:, :, None], cols[:, None, :], out=out.reshape(nb, a, b))
-            gamma = _m.get(mname).gamma(b)
+                probes.append(rows[:, :1, None] + cols[:, None, :])
             boff[g, o, i] = offset + np.arange(nb, dtype=_I64) * size
-            gtab[g, o, i] = gamma
+            gtab[g, o, i] = _m.get(mname).gamma(b)
             buckets.append(Bucket(mname, a, b, nb, offset, (1,) * nb))
             offset += nb * size
     assert offset == n
@@ -404,11 +447,10 @@ def _block_layout(rng, shape, dims, scheme, types, group_size, transposed, optio
     if gc == 1:  # the common case, in 2-D ops (much faster than take_along_axis)
         index = np.take(row_tab[0], iid[0], axis=1)[None]  # (1, d_per, c_per)
         index[0] += col_tab[0][oid[0]]
-        gamma = np.take(gtab[0][oid[0]], iid[0], axis=1)[None]
     else:
         index = np.take_along_axis(row_tab, iid[:, None, :], 2)  # (gc, d_per, c_per)
         index += np.take_along_axis(col_tab, oid[:, :, None], 1)
-        gamma = np.take_along_axis(gtab[g_ix, oid], iid[:, None, :], 2)
     if transposed:  # weight layout (g, c, d)
-        index, gamma = index.transpose(0, 2, 1), gamma.transpose(0, 2, 1)
-    return _finish(shape, False, False, buckets, inverse, None, dims, transposed, options, index, gamma)
+        index = index.transpose(0, 2, 1)
+    gtabs = (gtab, oid.astype(np.int32), iid.astype(np.int32))
+    return _finish(shape, False, False, buckets, inverse, dims, transposed, options, index, gtabs, probes)

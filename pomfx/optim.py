@@ -325,7 +325,7 @@ def _plan(params: list[ComponentParameter], chunk: int, batched: bool | None) ->
             key = (pom._shape, p.dtype, p.device) if cuda else id(p)
             kernels.setdefault(key, []).append(p)
             continue
-        for b in pom.layout.buckets:
+        for bi, b in enumerate(pom.layout.buckets):
             if b.count == 0:
                 continue
             per = b.rows * b.cols
@@ -336,14 +336,15 @@ def _plan(params: list[ComponentParameter], chunk: int, batched: bool | None) ->
                 want = np.arange(chunk // per, b.count, max(1, chunk // per))
                 at = np.unique(np.clip(np.searchsorted(ends, want), 0, len(ends) - 1))
                 cuts = sorted({0, b.count, *(int(ends[i]) for i in at)})
-            unit0 = pom.bucket_units(b).start
+            along = pom.layout.scale_probes[bi].shape[1:]  # R's broadcast: (A, 1) or (1, B)
             for c0, c1 in zip(cuts[:-1], cuts[1:]):
                 if c1 > c0:
-                    kind = (b.manifold, b.rows, b.cols, cuda, p.dtype, p.device)
-                    kinds.setdefault(kind, []).append(_Segment(p, b, c0, c1, unit0))
+                    kind = (b.manifold, b.rows, b.cols, cuda, p.dtype, p.device, along)
+                    kinds.setdefault(kind, []).append(_Segment(p, b, bi, c0, c1))
+    shared = _Workspace()
     for ps in kernels.values():
         cuda = ps[0].device.type != "cpu" if batched is None else batched
-        jobs.append(_KernelJob(ps, chunk, cuda))
+        jobs.append(_KernelJob(ps, chunk, cuda, shared))
     for kind, segs in kinds.items():
         cuda = kind[3]
         cur, size = [], 0
@@ -359,18 +360,14 @@ def _plan(params: list[ComponentParameter], chunk: int, batched: bool | None) ->
 
 
 class _Segment:
-    """Components ``[c0, c1)`` of bucket ``b`` of parameter ``p``."""
+    """Components ``[c0, c1)`` of bucket ``b`` (the ``bi``-th) of a block layer's parameter ``p``."""
 
-    __slots__ = ("p", "b", "c0", "c1", "start", "stop", "u0", "u1", "gid", "ng", "sizes")
+    __slots__ = ("p", "b", "bi", "c0", "c1", "start", "stop", "gid", "ng", "sizes")
 
-    def __init__(self, p: ComponentParameter, b, c0: int, c1: int, unit0: int):
-        self.p, self.b, self.c0, self.c1 = p, b, c0, c1
+    def __init__(self, p: ComponentParameter, b, bi: int, c0: int, c1: int):
+        self.p, self.b, self.bi, self.c0, self.c1 = p, b, bi, c0, c1
         per = b.rows * b.cols
         self.start, self.stop = b.offset + c0 * per, b.offset + c1 * per
-        if p.pom.layout.kernel:  # storage units are whole kernels
-            self.u0, self.u1 = unit0 + c0, unit0 + c1
-        else:  # storage units are elements
-            self.u0, self.u1 = unit0 + c0 * per, unit0 + c1 * per
         ends = np.cumsum(b.group_sizes)
         g0 = int(np.searchsorted(ends, c0, side="right"))
         g1 = int(np.searchsorted(ends, c1 - 1, side="right")) + 1
@@ -390,11 +387,10 @@ class _Segment:
 
 
 class _Job:
-    """Segments of one kind, stepped together (concatenated when there are several)."""
+    """Block segments of one kind, stepped together (concatenated when there are several)."""
 
     def __init__(self, kind: tuple, segs: list[_Segment]):
-        self.manifold, self.rows, self.cols, self.cuda, _, device = kind
-        self.kernel = False
+        self.manifold, self.rows, self.cols, self.cuda, _, device, _ = kind
         self.segs = segs
         self.n = sum(s.count for s in segs)
         self.small = self.rows <= _SMALL_ROWS and self.cols <= _SMALL_COLS and not self.cuda
@@ -416,12 +412,11 @@ class _Job:
         return torch.cat(tensors).view(-1, a, b)
 
     def scales(self) -> Tensor:
-        """s = 1/R²: (n,) per component (kernels) or (n, A, B) per element (blocks); cached."""
+        """s = 1/R²: (n, A, 1) or (n, 1, B), broadcasting over the blocks' output channels; cached."""
         key = tuple(s.p.pom._scale_key() for s in self.segs)
         if key != self._scale_key:
-            parts = [s.p.pom.lr_scale()[s.u0 : s.u1] for s in self.segs]
-            s = parts[0] if len(parts) == 1 else torch.cat(parts)
-            self._scale = s if self.kernel else s.view(-1, self.rows, self.cols)
+            parts = [s.p.pom.lr_scale()[s.bi][s.c0 : s.c1] for s in self.segs]
+            self._scale = parts[0] if len(parts) == 1 else torch.cat(parts)
             self._scale_key = key
         return self._scale
 
@@ -464,6 +459,15 @@ class _Workspace:
             t = self._t[name] = like.new_empty(shape)
         return t
 
+    def flat(self, name: str, numel: int, like: Tensor) -> Tensor:
+        """The first ``numel`` elements of a 1-D buffer that grows to the largest request: one
+        scratch tensor serves layers of every size, one after the other."""
+        t = self._t.get(name)
+        if t is None or t.numel() < numel or t.dtype != like.dtype or t.device != like.device:
+            keep = t.numel() if t is not None and t.dtype == like.dtype and t.device == like.device else 0
+            t = self._t[name] = like.new_empty(max(numel, keep))
+        return t[:numel]
+
 
 class _KernelJob:
     """One kernel layer: ω is ``(A, B, N)`` (see :class:`pomfx.parametrization.POM`), its
@@ -474,9 +478,10 @@ class _KernelJob:
     and triangular R). Groups are scattered over N, so the step has two phases over chunks: the
     momentum and the norms, then (after the per-group step size) retraction and transport."""
 
-    def __init__(self, params: list[ComponentParameter], chunk: int, batched: bool):
+    def __init__(self, params: list[ComponentParameter], chunk: int, batched: bool, shared: _Workspace):
         poms = [p.pom for p in params]
         self.params = params
+        self.shared = shared  # scratch shared by the layers of a step (the fused step's u)
         self.a, self.b = poms[0]._shape
         self.sizes = [int(pom.comp_type.numel()) for pom in poms]
         self.n = sum(self.sizes)
@@ -492,6 +497,7 @@ class _KernelJob:
         offsets = np.cumsum([0, *ngs[:-1]])
         gid = [pom.comp_group + int(o) for pom, o in zip(poms, offsets)]
         self.gid = None if self.ng == self.n else (torch.cat(gid) if len(gid) > 1 else gid[0])
+        self.ids = gid[0] if len(gid) == 1 else torch.cat(gid)  # group of each component (int32)
         norm2 = torch.cat([pom.group_norm2 for pom in poms])
         self.norm_g = norm2.double().sqrt()  # exact: the norms² are integers
         self._norm_g: dict = {}
@@ -554,6 +560,65 @@ class _KernelJob:
             for d, s_ in zip(dst, src):
                 d.view(a, b, -1).copy_(s_)
 
+    def _damping(self, first: dict, hy: _Hyper, like: Tensor):
+        """k = 1 − τ (1 on a parameter's first step, and without the heavy ball): a float, or
+        (N,) when the job's layers differ."""
+        firsts = [first[id(p)] for p in self.params]
+        if hy.mu == 0 or hy.nesterov or all(firsts):
+            return 1.0
+        if not any(firsts) or not hy.damp:
+            return 1.0 - hy.damp
+        parts = [torch.full((m,), 1.0 if f else 1.0 - hy.damp, dtype=like.dtype, device=like.device)
+                 for m, f in zip(self.sizes, firsts)]  # fmt: skip
+        return torch.cat(parts)
+
+    def _norms(self, dt: torch.dtype) -> Tensor:
+        """‖ω_g‖ of every group, in ``dt``."""
+        norm_g = self._norm_g.get(dt)
+        if norm_g is None:
+            norm_g = self._norm_g[dt] = self.norm_g.to(dt)
+        return norm_g
+
+    def _ones(self) -> Tensor:
+        """(N,) True: every component steps."""
+        ok = getattr(self, "_all_ok", None)
+        if ok is None or ok.numel() != self.n:
+            ok = self._all_ok = torch.ones(self.n, dtype=torch.bool)
+        return ok
+
+    def _fused_step(self, segs: list[tuple], spans: list, first: dict, hy: _Hyper, s: Tensor) -> bool:
+        """The fused step without a check first (no momentum, or the heavy ball): phase A writes u
+        to scratch and leaves ω and v alone, so a non-finite gradient, which makes its component's
+        ``q = ‖u_c‖²`` non-finite, is caught in q before anything has changed; the caller then runs
+        the checked step (that skips whole groups). Returns whether it stepped. This saves the
+        check's pass over the gradient, and the step size is one :func:`pomfx.fused.step_size`."""
+        n, X = self.n, segs[0][0]
+        ws, mu = self.ws, hy.mu
+        k = self._damping(first, hy, X)
+        cg = torch.mul(s, (-1.0 if hy.maximize else 1.0) * k, out=ws.get("cg", (n,), X))
+        mu_n = ws.get("mu", (n,), X).fill_(mu)
+        wd_n = ws.get("wd", (n,), X).zero_()
+        if hy.wd and self.has["euc"]:
+            wd_n.add_(hy.wd * k)  # times the euc mask, in the kernel
+        q = ws.get("q", (n,), X)
+        scratch = self.shared.flat("u", sum(x.numel() for x, _, _ in segs), X)
+        us = list(scratch.split([x.numel() for x, _, _ in segs]))
+        mode = 3 if mu else 0
+        for (x, g, v), u, (i, j) in zip(segs, us, spans):
+            u = u.view(x.shape)
+            fused.phase_a(x, g, v, u, cg[i:j], mu_n[i:j], wd_n[i:j], self.types[i:j], mode, mu, q[i:j])
+        if not bool(torch.isfinite(q).all()):
+            return False
+        h = ws.get("h", (n,), X)
+        big = fused.step_size(q, self.ids, self._norms(X.dtype), self.types, float(hy.lr), hy.radius,
+                              ws.get("qg", (self.ng,), X), h)  # fmt: skip
+        reps = 2 if self.full and big > _RESTEP else 1
+        transport, ok = mu != 0, self._ones()  # V ← transported u (on euc, u itself)
+        for (x, _, v), u, (i, j) in zip(segs, us, spans):
+            u, v = u.view(x.shape), v if transport else None
+            fused.phase_b(x, u, v, h[i:j], self.types[i:j], ok[i:j], reps, transport, u)
+        return True
+
     def _run(self, segs: list[tuple], first: dict, hy: _Hyper, fuse: bool) -> None:
         """The step on ``segs``: ``(X, G, V)`` (A, B, ·) triples covering the job's N components in
         order: one (the job, concatenated) for the torch kernels, one per layer for the fused ones."""
@@ -567,6 +632,8 @@ class _KernelJob:
             s = s.to(dt)
         starts = np.cumsum([0, *self.sizes[:-1]]).tolist()
         spans = [(o, o + m) for o, m in zip(starts, self.sizes)] if fuse else [(0, n)]
+        if fuse and not nesterov and self._fused_step(segs, spans, first, hy, s):
+            return
         # non-finite gradients: one reduction, then whole groups
         gsum = ws.get("n1", (n,), X)
         for (_, g, _), (i, j) in zip(segs, spans):
@@ -581,11 +648,7 @@ class _KernelJob:
             segs = [(x, torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0), v) for x, g, v in segs]
             okf = ok.to(dt)
         sign = -1.0 if hy.maximize else 1.0
-        firsts = [first[id(p)] for p in self.params]
-        k = 1.0 if mu == 0 or nesterov or all(firsts) else 1.0 - hy.damp
-        if any(firsts) and not all(firsts) and mu != 0 and not nesterov and hy.damp:  # mixed
-            k = torch.cat([torch.full((m,), 1.0 if f else 1.0 - hy.damp, dtype=dt, device=X.device)
-                           for m, f in zip(self.sizes, firsts)])  # fmt: skip
+        k = self._damping(first, hy, X)
         cg = torch.mul(s, sign * k, out=ws.get("cg", (n,), X))
         if okf is not None:
             cg.mul_(okf)
@@ -637,9 +700,7 @@ class _KernelJob:
         # the step size of each group: lr·min(1, δ‖ω_g‖ / (lr‖u_g‖)); Euclidean components: lr
         lr = hy.lr
         qg = q if self.gid is None else self.group_sum(q)
-        norm_g = self._norm_g.get(dt)
-        if norm_g is None:
-            norm_g = self._norm_g[dt] = self.norm_g.to(dt)
+        norm_g = self._norms(dt)
         f = qg.sqrt().mul_(lr).clamp_min_(1e-30).reciprocal_().mul_(norm_g).mul_(hy.radius)
         f.clamp_(max=1.0)
         if self.gid is not None:
@@ -653,10 +714,7 @@ class _KernelJob:
 
         # phase B: retraction, then transport of the momentum
         if fuse:
-            if ok is None:
-                ok = self._all_ok = getattr(self, "_all_ok", None)
-                if ok is None or ok.numel() != n:
-                    ok = self._all_ok = torch.ones(n, dtype=torch.bool)
+            ok = self._ones() if ok is None else ok
             transport = mu != 0 and self.constrained
             reps = 2 if twice else 1
             for (x, _, v), u, (i, j) in zip(segs, Us, spans):
@@ -879,11 +937,8 @@ def _update(job: _Job, x: Tensor, g: Tensor, v: Tensor | None, s: Tensor, first,
     and scales ``s``, in place on x and v. See the module docstring for the formulas."""
     man, small, n = job.manifold, job.small, x.shape[0]
     b = x.shape[2]
-    if s.dim() == 3:  # blocks: elementwise scales
-        g = g * s
-        sc = None
-    else:
-        sc = s
+    g = g * s  # 1/R² of every element: (n, A, 1) or (n, 1, B), a broadcast over output channels
+    sc = None
     # 1. the normal part of the gradient, whose reduction also tells finite components
     if man == "sp":
         a = _dot(x, g)

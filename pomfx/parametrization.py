@@ -15,7 +15,12 @@ user's own initialisation, which is what lets FG-SGD reproduce SGD's effective s
 
 Storage (see :class:`POM`): kernel layouts keep ω in the weight's own order, structure of
 arrays, so that the forward is one multiply and no gather (a gather of 3×3 kernels costs ~30
-elementwise passes on CPU); block layouts keep the layout's bucket order and gather elements.
+elementwise passes on CPU); block layouts keep the layout's bucket order and scatter elements.
+
+Memory: besides ω, a converted block layer keeps per weight element only its R (the ``scale``
+buffer) and the layout's ``inverse`` (int32): 12 bytes, against the 4 of the plain weight (γ,
+the input channels, the inverse permutation and FG-SGD's 1/R² in storage order are computed
+when needed or kept per block, never per element).
 """
 
 from __future__ import annotations
@@ -110,20 +115,21 @@ class _ScaleKernels(torch.autograd.Function):
         return out.view(-1), None, None, None, None
 
 
-class _GatherScale(torch.autograd.Function):
-    """Block layouts: ``W = R ⊙ stored[index]`` (element gather); the backward is the inverse
-    gather (a permutation: no scatter-add) times R in storage order."""
+class _ScatterScale(torch.autograd.Function):
+    """Block layouts: ``W[inverse] = stored``, then ``W ⊙= R`` (an element scatter: a permutation);
+    the backward is the gather ``(R ⊙ ∇W)[inverse]``. Only ``inverse`` and R are read, both kept
+    by the POM anyway: nothing per element is saved for the backward."""
 
     @staticmethod
-    def forward(ctx, omega: Tensor, index: Tensor, inverse: Tensor, scale: Tensor, scale_stored: Tensor):
-        ctx.save_for_backward(inverse, scale_stored)
-        w = omega.index_select(0, index)
+    def forward(ctx, omega: Tensor, inverse: Tensor, scale: Tensor):
+        ctx.save_for_backward(inverse, scale)
+        w = omega.new_empty(omega.shape).index_put_((inverse,), omega)
         return w.mul_(scale.view(-1))
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        inverse, scale_stored = ctx.saved_tensors
-        return g.reshape(-1).index_select(0, inverse).mul_(scale_stored), None, None, None, None
+        inverse, scale = ctx.saved_tensors
+        return (g.reshape(-1) * scale.view(-1)).index_select(0, inverse), None, None
 
 
 _TYPE_CODE = {"sp": 0, "ob": 1, "st": 2, "euc": 3}
@@ -139,7 +145,7 @@ class POM(nn.Module):
       and ``W[n]`` is it, or its transpose for wide kernels. No gather in the forward; the
       optimizer reads the type and group of each component from ``comp_type``/``comp_group``.
     - block layouts (K = 1): the layout's bucket order (each bucket ``(count, A, B)``,
-      contiguous); the forward gathers the elements with ``layout.index``.
+      contiguous); the forward scatters the elements with ``layout.inverse``.
 
     :meth:`buckets` gives each bucket's components as ``(count, A, B)`` in either case (views
     for blocks, copies for kernels).
@@ -173,40 +179,36 @@ class POM(nn.Module):
         self.register_buffer("comp_type", torch.as_tensor(ctype, dtype=torch.int8), persistent=False)
         self.register_buffer("comp_group", torch.as_tensor(gid, dtype=torch.int32), persistent=False)
         self.register_buffer("kappa", torch.ones(()))
-        gamma = torch.as_tensor(layout.gamma, dtype=torch.float32)
-        self.register_buffer("scale", torch.ones(p, q) if not renorm else gamma.clone())
+        self.register_buffer("scale", torch.from_numpy(layout.gamma) if renorm else torch.ones(p, q))
         self.register_buffer("running_var", torch.ones(layout.in_features))
         self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long))
 
-    # -- the layout's arrays, as tensors on the scales' device, made when first needed ----------
-    def _layout_tensor(self, name: str) -> Tensor:
-        """Layout arrays are not buffers: they follow from the layout (saved in the state_dict),
-        and for kernel layouts the forward needs none of them, so they cost no memory in training."""
+    # -- the layout's arrays, as tensors on the scales' device --------------------------------
+    @property
+    def inverse(self) -> Tensor:
+        """Layout.inverse: the weight unit of each storage unit of the bucket order. Not a buffer:
+        it follows from the layout (saved in the state_dict); made when first needed (the
+        forward of a kernel layout needs none), on the scales' device."""
         dev = self.scale.device
-        t = self._cache.get(name)
+        t = self._cache.get("inverse")
         if t is None or t.device != dev:
-            t = self._cache[name] = torch.from_numpy(getattr(self.layout, name)).to(dev)
+            t = self._cache["inverse"] = torch.from_numpy(self.layout.inverse).to(dev)
         return t
 
     @property
     def index(self) -> Tensor:
-        """Layout.index: weight unit ← storage unit of the layout's bucket order."""
-        return self._layout_tensor("index")
-
-    @property
-    def inverse(self) -> Tensor:
-        """Layout.inverse: the weight unit of each storage unit of the bucket order."""
-        return self._layout_tensor("inverse")
+        """Layout.index: weight unit ← storage unit (computed on each call, not kept)."""
+        return torch.from_numpy(self.layout.index).to(self.scale.device)
 
     @property
     def in_channel(self) -> Tensor:
-        """(P, Q): the input feature channel each weight row reads."""
-        return self._layout_tensor("in_channel")
+        """(P, Q): the input feature channel each weight row reads (computed, not kept)."""
+        return torch.from_numpy(self.layout.in_channel).to(self.scale.device)
 
     @property
     def gamma(self) -> Tensor:
-        """(P, Q): the geometric scale γ of the manifold holding each weight row (float32)."""
-        return self._layout_tensor("gamma")
+        """(P, Q) float32: γ of the manifold holding each weight row (computed, not kept)."""
+        return torch.from_numpy(self.layout.gamma).to(self.scale.device)
 
     @property
     def _shape(self) -> tuple[int, int]:
@@ -220,14 +222,8 @@ class POM(nn.Module):
             a, b = self._shape
             w = _ScaleKernels.apply(omega, self.scale, a, b, lay.transpose)
         else:
-            if torch.compiler.is_compiling():  # no data_ptr-keyed cache under tracing
-                s_stored = self.scale.reshape(-1).index_select(0, self.inverse)
-            else:
-                s_stored = self._scaled()[0]
-            if s_stored.dtype != omega.dtype:
-                s_stored = s_stored.to(omega.dtype)
             scale = self.scale if self.scale.dtype == omega.dtype else self.scale.to(omega.dtype)
-            w = _GatherScale.apply(omega, self.index, self.inverse, scale, s_stored)
+            w = _ScatterScale.apply(omega, self.inverse, scale)
         return w.reshape(lay.weight_shape)
 
     def right_inverse(self, weight: Tensor) -> Tensor:
@@ -316,28 +312,33 @@ class POM(nn.Module):
             return
         lam = self.running_var.clamp_min(0).sqrt()
         lam_hat = (lam / lam.mean().clamp_min(1e-12)).clamp(*LAMBDA_CLAMP)
-        self.scale.copy_(self.kappa * self.gamma / lam_hat[self.in_channel])
+        rows, chan = self.layout.channel_view()
+        self.scale.view(rows).copy_(self.gamma.view(rows)).mul_(self.kappa).div_(lam_hat.view(chan))
 
     def _scale_key(self) -> tuple:
         return (self.scale.data_ptr(), self.scale._version, self.scale.device)
 
     @torch.no_grad()
-    def _scaled(self) -> tuple[Tensor, Tensor]:
-        """(R, 1/R²) per storage unit (kernels: per component in weight order; blocks: per
-        element in storage order), cached until the scales change."""
+    def lr_scale(self) -> Tensor | tuple[Tensor, ...]:
+        """1/R², cached until the scales change: FG-SGD's factor that makes a step on ω the step
+        SGD would take on W = R ⊙ ω (a gradient step of size lr on W is one of lr/R² on ω).
+        Kernels: (N,), per component in weight order. Blocks: one tensor per bucket, (count, A, 1)
+        or (count, 1, B), broadcasting over the block's output channels (R is constant along
+        them), so that it costs a few bytes per block, not four per weight."""
         key = self._scale_key()
-        hit = self._cache.get("scale")
+        hit = self._cache.get("lr_scale")
         if hit is None or hit[0] != key:
             s = self.scale.reshape(-1)
-            if not self.layout.kernel:
-                s = s.index_select(0, self.inverse)
-            hit = self._cache["scale"] = (key, s, 1.0 / s.square())
-        return hit[1], hit[2]
-
-    def lr_scale(self) -> Tensor:
-        """1/R² per storage unit: FG-SGD's factor that makes a step on ω the step SGD would take
-        on W = R ⊙ ω (a gradient step of size lr on W is one of lr/R² on ω)."""
-        return self._scaled()[1]
+            if self.layout.kernel:
+                scales = s.clone().square_().reciprocal_()
+            else:
+                probes = self._cache.get("probes")
+                if probes is None or probes[0].device != s.device:
+                    probes = [torch.from_numpy(p).to(s.device) for p in self.layout.scale_probes]
+                    self._cache["probes"] = probes
+                scales = tuple(s[p.long()].square_().reciprocal_() for p in probes)
+            hit = self._cache["lr_scale"] = (key, scales)
+        return hit[1]
 
     # -- views -----------------------------------------------------------------------------
     def buckets(self, flat: Tensor):
@@ -351,13 +352,6 @@ class POM(nn.Module):
             return
         for b in self.layout.buckets:
             yield b, flat[b.offset : b.offset + b.numel].view(b.count, b.rows, b.cols)
-
-    def bucket_units(self, b) -> slice:
-        """The slice of storage units (kernels, or block elements) that bucket ``b`` holds."""
-        if self.layout.kernel:
-            start = b.offset // (b.rows * b.cols)
-            return slice(start, start + b.count)
-        return slice(b.offset, b.offset + b.numel)
 
     @torch.no_grad()
     def constraint_error(self, omega: Tensor) -> float:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import io
 import itertools
+import math
 
 import pytest
 import torch
@@ -59,10 +60,9 @@ def reference_step(model, state, lr, mu, damp, wd, nesterov, maximize, radius=0.
     for name, mod, t, pom in poms(model):
         p = mod.parametrizations[t].original
         buf = state.get(p, {}).get("momentum_buffer")
-        s = pom.lr_scale().double()
-        if pom.layout.kernel:
-            a, b = pom._shape
-            s = s.expand(a, b, -1).reshape(-1)
+        shape = pom.layout.weight_shape  # 1/R² of every weight element, in storage order
+        r2 = pom.scale.square().reciprocal().double()[..., None]
+        s = pom._stored(r2.expand(*shape[:2], math.prod(shape[2:])).reshape(shape))
         xs, gs, ss = (dict(pom.buckets(t_.double())) for t_ in (p.data, p.grad, s))
         vs = dict(pom.buckets(buf.double())) if buf is not None else {}
         for i, bk in enumerate(pom.layout.buckets):

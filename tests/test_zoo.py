@@ -46,5 +46,5 @@ ALL = [(family, name) for family in zoo.FAMILIES for name in zoo.models(family)]
 @pytest.mark.zoo
 @pytest.mark.parametrize("family, name", ALL, ids=[n for _, n in ALL])
 def test_zoo(family, name):
-    row = zoo.run_isolated(name, family, mem_gb=16.0, timeout=3600.0)
+    row = zoo.run_isolated(name, family, mem_gb=zoo.MEM_GB, timeout=3600.0)
     assert row["status"] == "ok", row["reason"]
