@@ -938,7 +938,6 @@ def _update(job: _Job, x: Tensor, g: Tensor, v: Tensor | None, s: Tensor, first,
     man, small, n = job.manifold, job.small, x.shape[0]
     b = x.shape[2]
     g = g * s  # 1/R² of every element: (n, A, 1) or (n, 1, B), a broadcast over output channels
-    sc = None
     # 1. the normal part of the gradient, whose reduction also tells finite components
     if man == "sp":
         a = _dot(x, g)
@@ -968,7 +967,7 @@ def _update(job: _Job, x: Tensor, g: Tensor, v: Tensor | None, s: Tensor, first,
     mu = hy.mu
     sign = -1.0 if hy.maximize else 1.0
     k = 1.0 if mu == 0 or hy.nesterov else _damp_factor(first, hy.damp, x)
-    cg = sc * (sign * k) if sc is not None else sign * k  # scalar or (n,)
+    cg = sign * k  # scalar or (n,)
     if ok is not None:
         cg = cg * okf
     cg3 = cg.view(n, 1, 1) if isinstance(cg, Tensor) else cg
