@@ -1,5 +1,7 @@
 """pomfx: train deep networks with weights on products of manifolds (Ozay, NeurIPS 2019).
 
+Typical use::
+
     model = pomfx.convert(model, scheme="pio")
     opt = pomfx.FGSGD(model.parameters(), lr=0.1, momentum=0.9)
     ...train, calling pomfx.update_scales(model) once per epoch...
