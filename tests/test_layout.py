@@ -377,6 +377,23 @@ def test_same_layout_in_a_separate_process():
     assert theirs == ours
 
 
+# (checksum saved in the state_dict, crc32 of inverse, crc32 of gamma) of DET_CASES, as made by the
+# layouts of sessions 1-2 (which kept index, gamma and in_channel as arrays): a checkpoint saved
+# then must still load, so the layouts must not change
+GOLDEN = {
+    "features.3": (211445702, 3604422721, 3615666255),
+    "layer1.0.conv1": (660653389, 3284105353, 3984573344),
+    "fc": (662254121, 3015217668, 4270123467),
+    "up": (1318657962, 178651242, 209519481),
+}
+
+
+def test_layouts_are_those_of_earlier_checkpoints():
+    for case in DET_CASES:
+        f = _fingerprint(*case)
+        assert (f["describe"]["checksum"], f["inverse"], f["gamma"]) == GOLDEN[case[0]], case[0]
+
+
 def test_seed_and_name_change_pio_layouts_only():
     base = ("conv", (32, 16, 3, 3))
     a = build_layout(*base, seed=0)
