@@ -256,7 +256,7 @@ def _finish(
         inverse=np.ascontiguousarray(inverse, dtype=small),
         dims=tuple(int(d) for d in dims),
         transposed=bool(transposed),
-        checksum=zlib.crc32(np.ascontiguousarray(index, dtype=_I64).reshape(-1).tobytes()),
+        checksum=zlib.crc32(np.ascontiguousarray(index, dtype=_I64).reshape(-1)),  # no copy: a buffer
         options=options,
         gamma_tables=gtabs,
         scale_probes=None if probes is None else tuple(np.ascontiguousarray(p, dtype=small) for p in probes),
