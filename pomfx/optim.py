@@ -501,6 +501,7 @@ class _KernelJob:
         norm2 = torch.cat([pom.group_norm2 for pom in poms])
         self.norm_g = norm2.double().sqrt()  # exact: the norms² are integers
         self._norm_g: dict = {}
+        self._all_ok: Tensor | None = None
         self._scale_key, self._scale = None, None
         step = self.n if self.cuda else max(1, chunk // (self.a * self.b))
         self.chunks = [(i, min(i + step, self.n)) for i in range(0, self.n, step)]
@@ -581,10 +582,9 @@ class _KernelJob:
 
     def _ones(self) -> Tensor:
         """(N,) True: every component steps."""
-        ok = getattr(self, "_all_ok", None)
-        if ok is None or ok.numel() != self.n:
-            ok = self._all_ok = torch.ones(self.n, dtype=torch.bool)
-        return ok
+        if self._all_ok is None:
+            self._all_ok = torch.ones(self.n, dtype=torch.bool)
+        return self._all_ok
 
     def _fused_step(self, segs: list[tuple], spans: list, first: dict, hy: _Hyper, s: Tensor) -> bool:
         """The fused step without a check first (no momentum, or the heavy ball): phase A writes u

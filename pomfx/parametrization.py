@@ -334,9 +334,9 @@ class POM(nn.Module):
             else:
                 probes = self._cache.get("probes")
                 if probes is None or probes[0].device != s.device:
-                    probes = [torch.from_numpy(p).to(s.device) for p in self.layout.scale_probes]
+                    probes = [torch.from_numpy(p).to(s.device).long() for p in self.layout.scale_probes]
                     self._cache["probes"] = probes
-                scales = tuple(s[p.long()].square_().reciprocal_() for p in probes)
+                scales = tuple(s[p].square_().reciprocal_() for p in probes)
             hit = self._cache["lr_scale"] = (key, scales)
         return hit[1]
 
