@@ -43,17 +43,32 @@ try:
 except ImportError:  # pragma: no cover - exercised where numba is absent
     numba = None
 
-__all__ = ["MAX_ELEMENTS", "available", "phase_a", "phase_b", "scale_to_weight", "step_size"]
+__all__ = [
+    "MAX_ELEMENTS",
+    "available",
+    "enabled",
+    "gather_scaled",
+    "phase_a",
+    "phase_b",
+    "project",
+    "scale_to_weight",
+    "scatter_scaled",
+    "step_size",
+]
 
-_VERSION = 4  # of the generated source: bump when the generators change
+_VERSION = 5  # of the generated source: bump when the generators change
 MAX_ELEMENTS = 16  # A·B up to which the unrolled kernels are used (3×3, 1×3, 3×1, 2×2, 1×5, ...)
 _CACHE: dict = {}
 
 
+def enabled() -> bool:
+    """Whether the fused kernels may run here (numba importable, not ``POMFX_FUSED=0``)."""
+    return numba is not None and os.environ.get("POMFX_FUSED", "1") != "0"
+
+
 def available(rows: int, cols: int) -> bool:
-    """Whether fused kernels serve (rows × cols) components here (numba importable, small
-    enough, not disabled by ``POMFX_FUSED=0``)."""
-    return numba is not None and rows * cols <= MAX_ELEMENTS and os.environ.get("POMFX_FUSED", "1") != "0"
+    """Whether the unrolled small-matrix kernels serve (rows × cols) components here."""
+    return rows * cols <= MAX_ELEMENTS and enabled()
 
 
 # -- source generation --------------------------------------------------------------------------
@@ -195,7 +210,7 @@ def _compiled(key: tuple, source, dtype: np.dtype, parallel: bool = True):
         name = "k_" + "_".join(str(k).replace("<", "").replace(">", "") for k in key)
         folder = _cache_dir()
         path = folder / f"{name}.py"
-        text = f"import numpy as np\nfrom numba import prange\nF = np.{dtype.name}\n\n{source()}"
+        text = f"import numpy as np\nfrom numba import njit, prange\nF = np.{dtype.name}\n\n{source()}"
         try:
             if not path.exists() or path.read_text() != text:
                 folder.mkdir(parents=True, exist_ok=True)
@@ -301,4 +316,202 @@ def scale_to_weight(X, s, transpose: bool) -> torch.Tensor:
     fn = _compiled(("w", a, b, transpose, x.dtype.str), lambda: _source_w(a, b, transpose), x.dtype)
     out = X.new_empty(n, a * b)
     _run(fn, x, _np(out), _np(s))
+    return out
+
+
+_PROJECT = """
+def kernel(W, s, types, X, transpose, eps, todo):
+    a, b, _ = X.shape
+    n, block = todo.shape[0], 64
+    for blk in prange((n + block - 1) // block):
+        y = np.empty((a, b), np.float64)
+        v = np.empty(a, np.float64)
+        coef = np.empty(b, np.float64)
+        for e in range(blk * block, min(n, blk * block + block)):
+            c = todo[e]
+            sc = 1.0 / np.float64(s[c])
+            for i in range(a):
+                for j in range(b):
+                    y[i, j] = np.float64(W[c, j * a + i if transpose else i * b + j]) * sc
+            t = types[c]
+            if t == 0:  # sphere: y / ||y||_F; entry (0, 0) if the norm is not positive
+                nn = 0.0
+                for i in range(a):
+                    for j in range(b):
+                        nn += y[i, j] * y[i, j]
+                nn = np.sqrt(nn)
+                r = 1.0 / nn
+                for i in range(a):
+                    for j in range(b):
+                        y[i, j] = y[i, j] * r if nn > 0 else (1.0 if i == 0 and j == 0 else 0.0)
+            elif t == 1:  # oblique: every column over its norm; e_0 for a column without one
+                for j in range(b):
+                    nn = 0.0
+                    for i in range(a):
+                        nn += y[i, j] * y[i, j]
+                    nn = np.sqrt(nn)
+                    r = 1.0 / nn
+                    for i in range(a):
+                        y[i, j] = y[i, j] * r if nn > 0 else (1.0 if i == 0 else 0.0)
+            elif t == 2:  # Stiefel: CGS2, vanishing columns completed
+                big = 0.0
+                for j in range(b):
+                    nn = 0.0
+                    for i in range(a):
+                        nn += y[i, j] * y[i, j]
+                    big = max(big, nn)
+                tol = np.sqrt(big) * (eps * 4 * a)
+                for j in range(b):
+                    for i in range(a):
+                        v[i] = y[i, j]
+                    _orthogonalize(y, v, j, coef)
+                    nn = _norm(v)
+                    if nn <= tol:  # the basis vector least covered by the columns so far
+                        best, at = np.inf, 0
+                        for i in range(a):
+                            cover = 0.0
+                            for k in range(j):
+                                cover += y[i, k] * y[i, k]
+                            if cover < best:
+                                best, at = cover, i
+                        for i in range(a):
+                            v[i] = 1.0 if i == at else 0.0
+                        _orthogonalize(y, v, j, coef)
+                        nn = _norm(v)
+                    r = 1.0 / nn
+                    for i in range(a):
+                        y[i, j] = v[i] * r
+            for i in range(a):
+                for j in range(b):
+                    X[i, j, c] = y[i, j]
+
+
+@njit(inline="always")
+def _orthogonalize(y, v, j, coef):
+    # v minus its projection on the first j columns of y, twice (classical Gram-Schmidt)
+    a = v.shape[0]
+    for _ in range(2 if j else 0):
+        for k in range(j):
+            d = 0.0
+            for i in range(a):
+                d += y[i, k] * v[i]
+            coef[k] = d
+        for k in range(j):
+            for i in range(a):
+                v[i] -= coef[k] * y[i, k]
+
+
+@njit(inline="always")
+def _norm(v):
+    nn = 0.0
+    for i in range(v.shape[0]):
+        nn += v[i] * v[i]
+    return np.sqrt(nn)
+"""
+
+
+def _source_p(a: int, b: int, transpose: bool) -> str:
+    """The projection of every component, unrolled for (A, B): sphere, oblique, and Stiefel by
+    CGS2; a component whose norm (or a column's, after orthogonalisation) is not above the
+    tolerance is flagged in ``redo`` for the general kernel (:data:`_PROJECT`)."""
+    ind = " " * 8
+    body = ["sc = one / np.float64(s[c])", "t = types[c]", "bad = 0"]
+    for i in range(a):
+        for j in range(b):
+            k = j * a + i if transpose else i * b + j
+            body.append(f"y{i}_{j} = np.float64(W[c, {k}]) * sc")
+    cols = [[f"y{i}_{j}" for i in range(a)] for j in range(b)]
+
+    def sq(names):
+        return " + ".join(f"{n} * {n}" for n in names)
+
+    def normalize(c, tol):  # the column over its norm; flagged unless the norm is above tol
+        return [f"    nn = np.sqrt({sq(c)})", "    r = one / nn", *(f"    {n} *= r" for n in c),
+                f"    bad = bad if nn > {tol} else 1"]  # fmt: skip
+
+    body.append("if t == 0:")
+    body += normalize([n for c in cols for n in c], "zero")
+    body.append("elif t == 1:")
+    for c in cols:
+        body += normalize(c, "zero")
+    body += ["elif t == 2:", "    big = zero"]
+    body += [f"    big = max(big, {sq(c)})" for c in cols]
+    body.append("    tol = np.sqrt(big) * tol4a")
+    for j, c in enumerate(cols):
+        for _ in range(2 if j else 0):  # CGS: every coefficient against the same v, twice
+            for k in range(j):
+                body.append(f"    f{k} = " + " + ".join(f"{x} * {v}" for x, v in zip(cols[k], c)))
+            for k in range(j):
+                body += [f"    {v} -= f{k} * {x}" for x, v in zip(cols[k], c)]
+        body += normalize(c, "tol")
+    body += [f"X[{i}, {j}, c] = y{i}_{j}" for i in range(a) for j in range(b)]
+    body.append("redo[c] = bad")
+    return (
+        "def kernel(W, s, types, X, eps, redo):\n"
+        "    zero, one = 0.0, 1.0\n"
+        f"    tol4a = eps * {4 * a}\n"
+        "    for c in prange(X.shape[2]):\n" + "\n".join(ind + t for t in body) + "\n"
+    )
+
+
+def project(
+    W: torch.Tensor, s: torch.Tensor, types: torch.Tensor, a: int, b: int, transpose: bool
+) -> torch.Tensor:
+    """The kernels ``W (N, A·B)`` (weight order; each component transposed when ``transpose``)
+    divided by ``s`` (N,) and projected onto their manifolds (``types``), as the structure of
+    arrays ``(A, B, N)`` that :class:`pomfx.parametrization.POM` stores. In float64, with the
+    formulas of the torch projections: the sphere and oblique normalisations (a zero norm gives
+    the first basis vector) and on Stiefel the Q factor of :func:`pomfx.manifolds._gram_schmidt`
+    (CGS2; a vanishing column is replaced by the basis vector least covered by the previous
+    ones). One unrolled parallel pass; the rare components that need a repair (or are not
+    finite) are redone by the general kernel, :data:`_PROJECT`."""
+    w = _np(W)
+    eps = float(torch.finfo(W.dtype).eps)
+    fast = _compiled(("p", a, b, transpose, w.dtype.str), lambda: _source_p(a, b, transpose), w.dtype)
+    out = W.new_empty(a, b, W.shape[0])
+    redo = torch.empty(W.shape[0], dtype=torch.int8)
+    _run(fast, w, _np(s), _np(types), _np(out), eps, _np(redo))
+    todo = redo.nonzero().view(-1)
+    if len(todo):
+        general = _compiled(("p", w.dtype.str), lambda: _PROJECT, w.dtype)
+        _run(general, w, _np(s), _np(types), _np(out), transpose, eps, _np(todo))
+    return out
+
+
+# -- the element maps of block layouts ----------------------------------------------------------
+_GATHER = """
+def kernel(src, index, scale, divide, out):
+    for i in prange(index.shape[0]):
+        k = index[i]
+        out[i] = src[k] / scale[k] if divide else src[k] * scale[k]
+"""
+
+_SCATTER = """
+def kernel(src, index, scale, out):
+    for i in prange(index.shape[0]):
+        k = index[i]
+        out[k] = src[i] * scale[k]
+"""
+
+
+def gather_scaled(
+    src: torch.Tensor, index: torch.Tensor, scale: torch.Tensor, divide: bool = False
+) -> torch.Tensor:
+    """``out[i] = src[index[i]] · scale[index[i]]`` (or ``/`` with ``divide``), flat, one pass: a
+    block layout's weight → storage map (the backward of its forward, and ``W / R`` for ω).
+    numba's parallel loop is 2.5-5× faster than ``index_select`` here on these permutations."""
+    x = _np(src)
+    fn = _compiled(("g", x.dtype.str), lambda: _GATHER, x.dtype)
+    out = src.new_empty(index.shape[0])
+    _run(fn, x, _np(index), _np(scale), divide, _np(out))
+    return out
+
+
+def scatter_scaled(src: torch.Tensor, index: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``out[index[i]] = src[i] · scale[index[i]]``, flat, one pass (``index`` a permutation): a
+    block layout's storage → weight map, ``W = R ⊙ ω`` scattered."""
+    x = _np(src)
+    fn = _compiled(("s", x.dtype.str), lambda: _SCATTER, x.dtype)
+    out = src.new_empty(index.shape[0])
+    _run(fn, x, _np(index), _np(scale), _np(out))
     return out

@@ -123,7 +123,6 @@ class Layout:
     inverse: np.ndarray
     dims: tuple[int, int, int]  # (conv groups, input channels per group, output channels per group)
     transposed: bool  # a ConvTranspose weight: row p reads input channel p
-    checksum: int  # crc32 of ``index`` as int64: compared when a checkpoint is loaded
     options: dict
     # blocks: γ of each block (G, n_out_chunks, n_in_chunks) and the chunk of every output /
     # input channel (G, D_g), (G, C): γ per weight element from a table lookup, not a scatter
@@ -133,6 +132,16 @@ class Layout:
     # R is constant along a block's output channels, so this reads R of every element as a broadcast
     scale_probes: tuple[np.ndarray, ...] | None = field(default=None, repr=False)
     _summary: dict | None = field(default=None, init=False, repr=False, compare=False)
+    _checksum: int | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def checksum(self) -> int:
+        """crc32 of ``index`` as int64, saved in the state_dict and compared when a checkpoint is
+        loaded. Computed on first use (a pass over every storage unit: a tenth of a second on
+        ResNet-50, which ``convert`` need not pay) and kept."""
+        if self._checksum is None:
+            self._checksum = zlib.crc32(np.ascontiguousarray(self.index, dtype=_I64).reshape(-1))
+        return self._checksum
 
     @property
     def in_features(self) -> int:
@@ -238,16 +247,9 @@ def _ranges(starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     return shift + np.arange(total, dtype=_I64)
 
 
-def _finish(
-    shape, kernel, transpose, buckets, inverse, dims, transposed, options, index=None, gtabs=None, probes=None
-):
-    """Completes a Layout: the checksum of ``index`` (the inverse permutation of ``inverse``, by a
-    scatter unless given; not kept) and ``inverse`` in its compact dtype."""
-    n = len(inverse)
-    if index is None:
-        index = np.empty(n, dtype=_I64)
-        index[inverse] = np.arange(n, dtype=_I64)
-    small = np.int32 if max(n, shape[0] * shape[1]) < 2**31 else _I64
+def _finish(shape, kernel, transpose, buckets, inverse, dims, transposed, options, gtabs=None, probes=None):
+    """Completes a Layout: ``inverse`` and the probes in the compact index dtype."""
+    small = _index_dtype(len(inverse), shape)
     return Layout(
         weight_shape=tuple(shape),
         kernel=kernel,
@@ -256,11 +258,15 @@ def _finish(
         inverse=np.ascontiguousarray(inverse, dtype=small),
         dims=tuple(int(d) for d in dims),
         transposed=bool(transposed),
-        checksum=zlib.crc32(np.ascontiguousarray(index, dtype=_I64).reshape(-1)),  # no copy: a buffer
         options=options,
         gamma_tables=gtabs,
         scale_probes=None if probes is None else tuple(np.ascontiguousarray(p, dtype=small) for p in probes),
     )
+
+
+def _index_dtype(n: int, shape) -> type:
+    """int32 while every storage unit and weight row fits, int64 from 2³¹ on."""
+    return np.int32 if max(n, shape[0] * shape[1]) < 2**31 else _I64
 
 
 def build_layout(
@@ -360,9 +366,9 @@ def _kernel_layout(rng, shape, dims, scheme, types, group_size, transposed, opti
 
 # -- K = 1: one component per block -----------------------------------------------------------
 def _block_layout(rng, shape, dims, scheme, types, group_size, transposed, options) -> Layout:
-    """Blocks of a K = 1 weight. Per element, three sequential passes: ``inverse`` (storage ->
-    weight) by broadcasting each bucket's row and column offsets, and ``index`` (weight ->
-    storage, for the checksum) from per-channel and per-block tables (no scatter over elements)."""
+    """Blocks of a K = 1 weight. One pass per element: ``inverse`` (storage -> weight), written in
+    its final dtype by broadcasting each bucket's row and column offsets; γ and R's probes come
+    from per-block and per-channel tables."""
     gc, c_per, d_per = dims
     if scheme == "po":
         oc, ic = _chunks(d_per, group_size or min(d_per, c_per)), np.array([c_per], dtype=_I64)
@@ -392,18 +398,16 @@ def _block_layout(rng, shape, dims, scheme, types, group_size, transposed, optio
     if scheme == "pio":
         dterm = np.take_along_axis(dterm, out_perm, 1)
         cterm = np.take_along_axis(cterm, in_perm, 1)
+    n = int(np.prod(shape))
+    small = _index_dtype(n, shape)  # ``inverse`` is written in its final dtype: no copy after
+    dterm, cterm = dterm.astype(small), cterm.astype(small)
 
     # buckets: by manifold, then by block shape (o, i); blocks in id order inside a bucket.
-    # Per block: storage offset, strides of its out / in position, gamma.
+    # Per block: its elements' weight positions, γ, and R's probes.
     o_sizes, i_sizes = sorted(set(oc.tolist())), sorted(set(ic.tolist()))
     shapes = sorted((o, i) for o in o_sizes for i in i_sizes)
-    n = int(np.prod(shape))
-    inverse = np.empty(n, dtype=_I64)
-    boff = np.empty((gc, n_oc, n_ic), dtype=_I64)
+    inverse = np.empty(n, dtype=small)
     gtab = np.empty((gc, n_oc, n_ic), dtype=np.float32)
-    tall_t = ic[None, :] >= oc[:, None]  # (n_oc, n_ic): stored as the (i × o) transpose
-    o_stride = np.where(tall_t, 1, ic[None, :])  # storage stride of the out position in a block
-    i_stride = np.where(tall_t, oc[:, None], 1)  # ... of the in position
     buckets, probes, offset = [], [], 0
     for t, mname in enumerate(types):
         for os_, is_ in shapes:
@@ -426,31 +430,17 @@ def _block_layout(rng, shape, dims, scheme, types, group_size, transposed, optio
                 a, b = os_, is_
                 np.add(rows[:, :, None], cols[:, None, :], out=out.reshape(nb, a, b))
                 probes.append(rows[:, :1, None] + cols[:, None, :])
-            boff[g, o, i] = offset + np.arange(nb, dtype=_I64) * size
             gtab[g, o, i] = _m.get(mname).gamma(b)
             buckets.append(Bucket(mname, a, b, nb, offset, (1,) * nb))
             offset += nb * size
     assert offset == n
 
-    # index[g, d, c] = boff[blk] + pos_o(d)·o_stride[blk] + pos_i(c)·i_stride[blk], blk = (g, oid(d), iid(c)):
-    # a row table (g, d, in chunk) plus a column table (g, c, out chunk), each gathered cheaply.
+    # the chunk of every output / input channel, for γ's tables
     pos_out = np.empty((gc, d_per), dtype=_I64)  # position of local output channel d after the shuffle
     np.put_along_axis(pos_out, out_perm, np.arange(d_per, dtype=_I64)[None, :], 1)
     pos_in = np.empty((gc, c_per), dtype=_I64)
     np.put_along_axis(pos_in, in_perm, np.arange(c_per, dtype=_I64)[None, :], 1)
     oid = np.repeat(np.arange(n_oc), oc)[pos_out]  # (gc, d_per): out chunk of d
     iid = np.repeat(np.arange(n_ic), ic)[pos_in]  # (gc, c_per)
-    po_, pi_ = pos_out - o_start[oid], pos_in - i_start[iid]  # position inside the chunk
-    g_ix = np.arange(gc)[:, None]
-    row_tab = boff[g_ix, oid] + po_[:, :, None] * o_stride[oid]  # (gc, d_per, n_ic)
-    col_tab = (pi_[:, :, None] * i_stride.T[iid]).transpose(0, 2, 1)  # (gc, n_oc, c_per)
-    if gc == 1:  # the common case, in 2-D ops (much faster than take_along_axis)
-        index = np.take(row_tab[0], iid[0], axis=1)[None]  # (1, d_per, c_per)
-        index[0] += col_tab[0][oid[0]]
-    else:
-        index = np.take_along_axis(row_tab, iid[:, None, :], 2)  # (gc, d_per, c_per)
-        index += np.take_along_axis(col_tab, oid[:, :, None], 1)
-    if transposed:  # weight layout (g, c, d)
-        index = index.transpose(0, 2, 1)
     gtabs = (gtab, oid.astype(np.int32), iid.astype(np.int32))
-    return _finish(shape, False, False, buckets, inverse, dims, transposed, options, index, gtabs, probes)
+    return _finish(shape, False, False, buckets, inverse, dims, transposed, options, gtabs, probes)

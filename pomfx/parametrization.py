@@ -26,6 +26,7 @@ when needed or kept per block, never per element).
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import torch
@@ -73,9 +74,35 @@ def _rebuild_component(data: Tensor, requires_grad: bool, pom) -> ComponentParam
     return ComponentParameter(data, pom, requires_grad)
 
 
+def _sum_squares(t: Tensor) -> float:
+    """Σ t² in float64, from float32 partial sums over rows of 4096 (``vector_norm`` of a long
+    fp32 vector accumulates in a few lanes and loses digits; a float64 copy costs a pass)."""
+    t = t.reshape(-1)
+    if t.dtype not in (torch.float32, torch.float64):
+        t = t.float()
+    cut = t.numel() - t.numel() % 4096
+    parts = [torch.linalg.vector_norm(t[:cut].view(-1, 4096), dim=1)] if cut else []
+    if cut < t.numel():
+        parts.append(torch.linalg.vector_norm(t[cut:]).reshape(1))
+    if not parts:
+        return 0.0
+    return float(torch.cat(parts).double().square().sum())
+
+
+def _fused_map(t: Tensor) -> bool:
+    """Whether the fused CPU kernels (:mod:`pomfx.fused`) may map ``t`` (CPU, fp32/fp64, not
+    traced: under torch.compile the torch ops are traced instead)."""
+    return (
+        t.device.type == "cpu"
+        and t.dtype in (torch.float32, torch.float64)
+        and fused.enabled()
+        and not torch.compiler.is_compiling()
+    )
+
+
 def _fusable(t: Tensor, a: int, b: int) -> bool:
-    """Whether the fused CPU kernels (:mod:`pomfx.fused`) serve this map."""
-    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and fused.available(a, b)
+    """Whether the unrolled kernels of (A × B) components serve this map."""
+    return _fused_map(t) and fused.available(a, b)
 
 
 class _ScaleKernels(torch.autograd.Function):
@@ -123,12 +150,16 @@ class _ScatterScale(torch.autograd.Function):
     @staticmethod
     def forward(ctx, omega: Tensor, inverse: Tensor, scale: Tensor):
         ctx.save_for_backward(inverse, scale)
+        if _fused_map(omega) and omega.is_contiguous():
+            return fused.scatter_scaled(omega, inverse, scale.reshape(-1))
         w = omega.new_empty(omega.shape).index_put_((inverse,), omega)
         return w.mul_(scale.view(-1))
 
     @staticmethod
     def backward(ctx, g: Tensor):
         inverse, scale = ctx.saved_tensors
+        if _fused_map(g) and not torch.is_grad_enabled():  # (create_graph: the torch ops, differentiable)
+            return fused.gather_scaled(g.reshape(-1).contiguous(), inverse, scale.reshape(-1)), None, None
         return (g.reshape(-1) * scale.view(-1)).index_select(0, inverse), None, None
 
 
@@ -151,37 +182,38 @@ class POM(nn.Module):
     for blocks, copies for kernels).
     """
 
-    def __init__(self, layout: Layout, renorm: bool = True):
+    def __init__(self, layout: Layout, renorm: bool = True, weight: Tensor | None = None):
+        """``weight``: calibrate to it (as :meth:`calibrate` does, without building γ twice)."""
         super().__init__()
         self.layout = layout
         self.renorm = renorm
         p, q = layout.weight_shape[:2]
         self._cache: dict = {}
         ngroups = [len(b.group_sizes) for b in layout.buckets]
-        sizes = np.concatenate([np.asarray(b.group_sizes, dtype=np.int64) for b in layout.buckets])
-        gid = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes)  # storage order, unique per layer
-        per_comp = np.concatenate(
-            [
-                np.full(n, 1.0 if b.manifold == "sp" else float(b.cols))
-                for b, n in zip(layout.buckets, ngroups)
-            ]
-        )
+        sizes = np.concatenate([np.asarray(b.group_sizes, dtype=np.int32) for b in layout.buckets])
+        gid = np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)  # storage order, unique per layer
+        per_comp = np.repeat([1.0 if b.manifold == "sp" else float(b.cols) for b in layout.buckets], ngroups)
         # Σ_c ‖ω_c‖²_F of each group (1 per sp component, B per ob/st one), for the step-size cap
         self.register_buffer(
             "group_norm2", torch.as_tensor(sizes * per_comp, dtype=torch.float32), persistent=False
         )
-        ctype = np.repeat([_TYPE_CODE[b.manifold] for b in layout.buckets], [b.count for b in layout.buckets])
+        codes = np.asarray([_TYPE_CODE[b.manifold] for b in layout.buckets], dtype=np.int8)
+        ctype = np.repeat(codes, [b.count for b in layout.buckets])
         if layout.kernel:  # per component in weight order
             inv = layout.inverse
             ctype_w, gid_w = np.empty_like(ctype), np.empty_like(gid)
             ctype_w[inv], gid_w[inv] = ctype, gid
             ctype, gid = ctype_w, gid_w
-        self.register_buffer("comp_type", torch.as_tensor(ctype, dtype=torch.int8), persistent=False)
-        self.register_buffer("comp_group", torch.as_tensor(gid, dtype=torch.int32), persistent=False)
+        self.register_buffer("comp_type", torch.from_numpy(ctype), persistent=False)
+        self.register_buffer("comp_group", torch.from_numpy(gid), persistent=False)
         self.register_buffer("kappa", torch.ones(()))
         self.register_buffer("scale", torch.from_numpy(layout.gamma) if renorm else torch.ones(p, q))
         self.register_buffer("running_var", torch.ones(layout.in_features))
         self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long))
+        if weight is not None:  # R = κγ: the scale holds γ already
+            self._set_kappa(weight)
+            if renorm:
+                self.scale.mul_(self.kappa)
 
     # -- the layout's arrays, as tensors on the scales' device --------------------------------
     @property
@@ -234,17 +266,30 @@ class POM(nn.Module):
     def omega_from_weight(self, weight: Tensor) -> Tensor:
         """Each component of ``W / R`` projected onto its manifold, in storage order."""
         p, q = self.layout.weight_shape[:2]
+        lay = self.layout
+        if lay.kernel and _fusable(weight, *self._shape):  # one pass: divide, project, store
+            s = self.scale.reshape(-1).to(weight.dtype)
+            w = weight.detach().reshape(p * q, -1).contiguous()
+            return fused.project(w, s, self.comp_type, *self._shape, lay.transpose).view(-1)
+        if not lay.kernel and _fused_map(weight):  # W / R gathered into storage order, one pass
+            s = self.scale.reshape(-1).to(weight.dtype)
+            stored = fused.gather_scaled(
+                weight.detach().reshape(-1).contiguous(), self.inverse, s, divide=True
+            )
+            return self._project_buckets(stored)
         scaled = weight.detach().reshape(p, q, -1) / self.scale.to(weight.dtype).unsqueeze(-1)
-        if self.layout.kernel:  # components as rows (N, A, B), projected bucket by bucket, then (A, B, N)
+        if lay.kernel:  # components as rows (N, A, B), projected bucket by bucket, then (A, B, N)
             a, b = self._shape
-            lay = self.layout
             x = scaled.reshape(p * q, b, a).transpose(1, 2) if lay.transpose else scaled.reshape(p * q, a, b)
             x = x.contiguous()
             for bk, rows in self._bucket_rows():
                 if bk.manifold != "euc":
                     x.index_copy_(0, rows, _m.get(bk.manifold).project(x.index_select(0, rows)))
             return x.permute(1, 2, 0).contiguous().view(-1)
-        stored = self._stored(scaled)
+        return self._project_buckets(self._stored(scaled))
+
+    def _project_buckets(self, stored: Tensor) -> Tensor:
+        """Every bucket of a block layout's ``stored`` projected onto its manifold, in place."""
         for bk, x in self.buckets(stored):
             if bk.manifold != "euc":
                 x.copy_(_m.get(bk.manifold).project(x))
@@ -254,32 +299,32 @@ class POM(nn.Module):
     def calibrate(self, weight: Tensor) -> None:
         """Set κ from ``weight`` (RMS Frobenius norm of its constrained components), reset λ and
         commit R = κγ: the converted layer starts at the scale of ``weight``."""
-        p, q = self.layout.weight_shape[:2]
-        w = weight.detach().reshape(p * q, -1)
-        if self.layout.kernel:
-            sq = torch.linalg.vector_norm(w, dim=1, dtype=torch.float64).square()  # per component
-            keep = self.comp_type != _TYPE_CODE["euc"]
-            total, n = sq[keep].sum(), int(keep.sum())
-        else:  # Σ over all entries, minus the euc blocks'
-            flat = w.reshape(-1)
-            total = torch.linalg.vector_norm(flat, dtype=torch.float64).square()
-            n = 0
-            for b in self.layout.buckets:
-                if b.manifold == "euc":
-                    euc = flat.index_select(0, self.inverse[b.offset : b.offset + b.numel])
-                    total = total - torch.linalg.vector_norm(euc, dtype=torch.float64).square()
-                else:
-                    n += b.count
-        kappa = float((total / n).sqrt()) if n else 1.0
-        if not kappa > 0 or kappa == float("inf"):  # all-zero or broken weights
-            kappa = self.layout.weight_shape[1] ** -0.5  # a kaiming-like kernel norm
-        self.kappa.fill_(kappa)
-        self.running_var.fill_(1.0)
-        self.num_batches_tracked.zero_()
+        self._set_kappa(weight)
         if self.renorm:
             self.scale.copy_(self.gamma).mul_(self.kappa)  # λ̂ = 1: R = κγ
         else:
             self.scale.fill_(1.0)
+
+    def _set_kappa(self, weight: Tensor) -> None:
+        """κ = sqrt(Σ_c ‖W_c‖² / n) over the n constrained components c (all but euc); λ reset."""
+        lay = self.layout
+        flat = weight.detach().reshape(-1)
+        total, n = _sum_squares(flat), 0
+        for b in lay.buckets:
+            if b.manifold != "euc":
+                n += b.count
+                continue
+            u0 = b.offset // (b.rows * b.cols)  # the euc units' weight rows (kernels) or elements
+            units = torch.from_numpy(
+                lay.inverse[u0 : u0 + b.count] if lay.kernel else lay.inverse[b.offset : b.offset + b.numel]
+            )
+            total -= _sum_squares(flat.view(-1, lay.unit).index_select(0, units.to(flat.device).long()))
+        kappa = math.sqrt(total / n) if n and total > 0 else (0.0 if n else 1.0)
+        if not kappa > 0 or kappa == float("inf"):  # all-zero or broken weights
+            kappa = lay.weight_shape[1] ** -0.5  # a kaiming-like kernel norm
+        self.kappa.fill_(kappa)
+        self.running_var.fill_(1.0)
+        self.num_batches_tracked.zero_()
 
     def _stored(self, weight: Tensor) -> Tensor:
         """The elements of a weight (or of anything of its shape) in flat storage order."""

@@ -247,3 +247,51 @@ def test_a_block_layer_keeps_eight_bytes_per_weight_besides_omega(scheme):
     held = _nbytes(dict(pom.named_buffers()), pom._cache, [lay.inverse, lay.gamma_tables, lay.scale_probes])
     assert held <= 8.5 * n, held / n  # per-block tables: a few bytes per block and channel
     assert 8 * n <= held  # R and inverse are there (the bound is not vacuous)
+
+
+@pytest.mark.skipif(
+    not pomfx.fused.enabled(), reason="the fused kernels are off here (POMFX_FUSED=0 or no numba)"
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "shape", [(12, 10, 3, 3), (6, 8, 1, 3), (6, 5, 4, 2), (8, 4, 5), (24, 40, 1, 1), (40, 24)]
+)
+def test_fused_maps_equal_the_torch_ops(shape, dtype):
+    """The one-pass CPU kernels of pomfx.fused against the torch ops they replace (those of CUDA
+    and of POMFX_FUSED=0): omega_from_weight (kernels: divide, project, store; blocks: the
+    gather of W / R) gives each component its manifold's ``project`` of ``W / R``, also where it
+    must repair one (zero kernels, a zero column, rank-deficient and non-finite kernels); a block
+    layer's forward scatter and backward gather are equal bit for bit."""
+    torch.manual_seed(3)
+    lay = pomfx.layout.build_layout("conv", shape, manifolds="sp+ob+st+euc")
+    pom = pomfx.parametrization.POM(lay).to(dtype)
+    pom.calibrate(torch.randn(shape, dtype=dtype))  # R varies between components
+    w = torch.randn(shape, dtype=dtype)
+    if lay.kernel:
+        a, b = pom._shape
+        assert pomfx.parametrization._fusable(w, a, b)
+        k = w.view(-1, a * b)
+        k[::5] = 0  # zero kernels (every manifold's fallback)
+        k[1::5, : a * b : b] = 0  # a zero column (components stored tall: column 0 is every b-th entry)
+        k[2::5] = k[2::5, :1] * torch.arange(1.0, a * b + 1, dtype=dtype)  # rank one
+        k[3, 0] = float("nan")
+    omega = pom.omega_from_weight(w).requires_grad_()
+    fast_w = pom(omega)
+    g = torch.randn(shape, dtype=dtype)
+    (fast_g,) = torch.autograd.grad(fast_w, omega, g)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pomfx.fused, "enabled", lambda: False)
+        ref = pom.omega_from_weight(w)
+        ref_w = pom(omega)
+        (ref_g,) = torch.autograd.grad(ref_w, omega, g)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(omega.detach(), ref, rtol=0, atol=tol, equal_nan=True)
+    torch.testing.assert_close(fast_w, ref_w, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(fast_g, ref_g, rtol=0, atol=0)
+    if lay.kernel:
+        finite = torch.isfinite(omega.detach().view(a, b, -1)).all(0).all(0)
+        assert (
+            int(finite.sum()) >= finite.numel() - 1
+        )  # at most the NaN kernel stays NaN (on st, as in torch)
+    else:
+        assert pom.constraint_error(omega) < 10 * tol
