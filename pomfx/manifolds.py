@@ -4,6 +4,7 @@ Every manifold acts on a batch of tall matrices ``x`` of shape ``(..., A, B)`` w
 under the embedded (Frobenius) metric, and never loops over the batch. The verbs are fixed:
 
 - ``project(x)``: a point of the manifold near ``x`` (used to initialise and to load weights);
+- ``project_(x)``: the same, written into ``x``;
 - ``proj_tangent(x, g)``: the orthogonal projection of ``g`` onto the tangent space at ``x``,
   i.e. the Riemannian gradient of a function whose Euclidean gradient is ``g``;
 - ``retract(x, xi)``: a first-order retraction, back onto the manifold from ``x + xi``;
@@ -60,8 +61,9 @@ def frobenius_norm(x: Tensor) -> Tensor:
     return torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True)
 
 
-def _unit(x: Tensor, dim: tuple[int, ...] | int, safe: bool) -> Tensor:
-    """x divided by its norm over ``dim`` (Frobenius for a tuple, columns for -2).
+def _unit(x: Tensor, dim: tuple[int, ...] | int, safe: bool, inplace: bool = False) -> Tensor:
+    """x divided by its norm over ``dim`` (Frobenius for a tuple, columns for -2); written into
+    ``x`` itself with ``inplace``.
 
     With ``safe``, slices whose norm is not positive (zero, or NaN) become a unit basis vector
     (entry (0, 0) for the Frobenius sphere, the first entry of each column for columns); the
@@ -74,9 +76,10 @@ def _unit(x: Tensor, dim: tuple[int, ...] | int, safe: bool) -> Tensor:
             fallback[..., 0, 0] = 1.0
         else:
             fallback[..., 0, :] = 1.0
-        x = torch.where(n > 0, x, fallback)
+        y = torch.where(n > 0, x, fallback)
         n = torch.where(n > 0, n, torch.ones_like(n))
-    return x / n
+        return x.copy_(y.div_(n)) if inplace else y.div_(n)
+    return x.div_(n) if inplace else x / n
 
 
 class Manifold:
@@ -91,6 +94,11 @@ class Manifold:
     @staticmethod
     def proj_tangent(x: Tensor, g: Tensor) -> Tensor:
         raise NotImplementedError
+
+    @classmethod
+    def project_(cls, x: Tensor) -> Tensor:
+        """``x ← project(x)``, in place (no second copy of a large bucket)."""
+        return x.copy_(cls.project(x))
 
     @classmethod
     def retract(cls, x: Tensor, xi: Tensor) -> Tensor:
@@ -130,6 +138,10 @@ class Sphere(Manifold):
         return _unit(x, (-2, -1), safe=True)
 
     @classmethod
+    def project_(cls, x: Tensor) -> Tensor:
+        return _unit(x, (-2, -1), safe=True, inplace=True)
+
+    @classmethod
     def retract(cls, x: Tensor, xi: Tensor) -> Tensor:
         return _unit(x + xi, (-2, -1), safe=False)  # ‖x+ξ‖ ≥ 1 for tangent ξ
 
@@ -150,6 +162,10 @@ class Oblique(Manifold):
     @staticmethod
     def project(x: Tensor) -> Tensor:
         return _unit(x, -2, safe=True)
+
+    @classmethod
+    def project_(cls, x: Tensor) -> Tensor:
+        return _unit(x, -2, safe=True, inplace=True)
 
     @classmethod
     def retract(cls, x: Tensor, xi: Tensor) -> Tensor:

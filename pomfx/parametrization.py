@@ -292,7 +292,7 @@ class POM(nn.Module):
         """Every bucket of a block layout's ``stored`` projected onto its manifold, in place."""
         for bk, x in self.buckets(stored):
             if bk.manifold != "euc":
-                x.copy_(_m.get(bk.manifold).project(x))
+                _m.get(bk.manifold).project_(x)
         return stored
 
     @torch.no_grad()
