@@ -56,7 +56,7 @@ __all__ = [
     "step_size",
 ]
 
-_VERSION = 5  # of the generated source: bump when the generators change
+_VERSION = 6  # of the generated source: bump when the generators change
 MAX_ELEMENTS = 16  # A·B up to which the unrolled kernels are used (3×3, 1×3, 3×1, 2×2, 1×5, ...)
 _CACHE: dict = {}
 
@@ -282,6 +282,8 @@ def kernel(q, gid, norm_g, types, lr, radius, qg, h):
     for k in range(qg.shape[0]):
         qg[k] = 0
     for c in range(q.shape[0]):
+        if not np.isfinite(q[c]):
+            return F(-1)
         qg[gid[c]] += q[c]
     for k in range(qg.shape[0]):
         t = F(1) / max(np.sqrt(qg[k]) * lr, F(1e-30))
@@ -302,7 +304,8 @@ def step_size(q, gid, norm_g, types, lr: float, radius: float, qg, h) -> float:
         h_c = lr · min(1, δ‖ω_g‖ / (lr·‖u_g‖)),  ‖u_g‖² = Σ_{c∈g} q_c   (lr on euc components)
 
     for group ``gid[c]``, ``norm_g = ‖ω_g‖`` (G,), δ = ``radius``; ``qg`` is a (G,) workspace.
-    Returns max_c h_c²·q_c (the largest squared step). One serial loop each way: a few hundred
+    Returns max_c h_c²·q_c (the largest squared step), or -1 if some q_c is not finite (a
+    non-finite gradient: ``h`` is then not written). One serial loop each way: a few hundred
     thousand components cost less than the dozen torch ops it replaces."""
     x = _np(q)
     fn = _compiled(("h", x.dtype.str), lambda: _STEP_SIZE, x.dtype, parallel=False)

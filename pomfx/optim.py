@@ -607,11 +607,11 @@ class _KernelJob:
         for (x, g, v), u, (i, j) in zip(segs, us, spans):
             u = u.view(x.shape)
             fused.phase_a(x, g, v, u, cg[i:j], mu_n[i:j], wd_n[i:j], self.types[i:j], mode, mu, q[i:j])
-        if not bool(torch.isfinite(q).all()):
-            return False
         h = ws.get("h", (n,), X)
         big = fused.step_size(q, self.ids, self._norms(X.dtype), self.types, float(hy.lr), hy.radius,
                               ws.get("qg", (self.ng,), X), h)  # fmt: skip
+        if big < 0:  # a non-finite q: nothing has changed yet
+            return False
         reps = 2 if self.full and big > _RESTEP else 1
         transport, ok = mu != 0, self._ones()  # V ← transported u (on euc, u itself)
         for (x, _, v), u, (i, j) in zip(segs, us, spans):
