@@ -1,4 +1,5 @@
-"""Fused CPU kernels for FG-SGD on kernel layers (numba): one parallel loop per phase.
+"""Fused CPU kernels (numba) for FG-SGD on kernel layers, one parallel loop per phase, and for
+the parametrization's maps.
 
 The torch implementation of a kernel layer's step (:class:`pomfx.optim._KernelJob`) is about 80
 elementwise ops per chunk of components; on a CPU their dispatch and their passes through memory
@@ -18,6 +19,12 @@ order (see :mod:`pomfx.optim`):
   ``V ← s − ω·C(ωᵀs)`` of ``s`` (V itself, or U after mode 3). Components whose group is not
   ``ok`` are left exactly as they were;
 - between them, :func:`step_size`: the group sums of q and each component's step size h.
+
+The same machinery serves the parametrization's maps on a CPU: :func:`project` (ω of a kernel
+layer from its weight: divide by R, project every component, store the structure of arrays, in
+one pass), :func:`scale_to_weight` (its forward), and for block layers the element permutation
+scaled by R both ways (:func:`scatter_scaled`, :func:`gather_scaled`), which numba's parallel
+loops run 2.5-5× faster than ``index_put_``/``index_select``.
 
 Used (numba is a dependency of pomfx) for components of at most
 ``MAX_ELEMENTS`` elements; :mod:`pomfx.optim` runs its torch kernels otherwise, or with
