@@ -126,6 +126,42 @@ def test_lambda_statistics_train_mode_only():
     assert all(int(pom.num_batches_tracked) == 1 for _, _, pom, _ in layers(model))
 
 
+@pytest.mark.skipif(not pomfx.fused.enabled(), reason="numba kernels disabled (POMFX_FUSED=0)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_lambda_statistics_equal_the_torch_reductions(dtype, monkeypatch):
+    """The one-pass CPU kernel of the λ hook (pomfx.fused.fold_channel_var) against the torch
+    sums it replaces, over five batches (the cumulative average, then the EMA): convs (N, C, H, W),
+    Linear inputs (N, C) and (N, T, C) (channels last), a mean large against the spread; and
+    the same value bit for bit whatever the thread count."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(2), nn.Linear(36, 20), nn.ReLU(),
+        nn.Flatten(), nn.Linear(160, 64), nn.ReLU(), nn.Linear(64, 5),
+    ).to(dtype)  # fmt: skip
+    model = pomfx.convert(model, include=[nn.Conv2d, nn.Linear], exclude=["8"])
+    xs = [torch.randn(16, 3, 6, 6, dtype=dtype) * (1 + i) + 1000 for i in range(5)]
+
+    def stats(threads=None):
+        m = copy.deepcopy(model)
+        n = torch.get_num_threads()
+        torch.set_num_threads(threads or n)
+        try:
+            for x in xs:
+                m(x)
+        finally:
+            torch.set_num_threads(n)
+        return [pom.running_var.clone() for _, _, pom, _ in layers(m)]
+
+    fused = stats()
+    assert len(fused) == 3 and all(int(p.num_batches_tracked) == 0 for _, _, p, _ in layers(model))
+    assert all(torch.equal(a, b) for a, b in zip(fused, stats(threads=1)))
+    monkeypatch.setenv("POMFX_FUSED", "0")
+    reference = stats()
+    for a, b in zip(fused, reference):
+        assert not torch.equal(a, torch.ones_like(a))
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=0)  # (the torch sums run in float32)
+
+
 def test_update_scales_commits_r_with_the_clamp():
     model = net()
     for _, _, pom, _ in layers(model):
