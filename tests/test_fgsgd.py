@@ -237,10 +237,19 @@ def test_momentum_stays_tangent():
 
 
 def test_drift_after_1000_steps_fp32():
-    """Every manifold, in a kernel layout and a block layout, with momentum and the occasional
-    huge gradient (cap active): the constraint error stays at rounding level (no re-projection)."""
+    """Every manifold, in a kernel layout and block layouts (small blocks, in tensor ops, and
+    32×32 ones, whose second Cholesky-QR pass is taken only where Gershgorin's test asks for it),
+    with momentum and the occasional huge gradient (cap active): the constraint error stays at
+    rounding level (no re-projection)."""
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(4, 8, 3), nn.Flatten(), nn.Linear(8, 24), nn.Linear(24, 3))
+    net = nn.Sequential(
+        nn.Conv2d(4, 8, 3),
+        nn.Flatten(),
+        nn.Linear(8, 24),
+        nn.Linear(24, 64),
+        nn.Linear(64, 64),
+        nn.Linear(64, 3),
+    )
     model = pomfx.convert(net, manifolds="sp+ob+st", include=[nn.Conv2d, nn.Linear])
     opt = pomfx.FGSGD(model.parameters(), lr=0.2, momentum=0.9)
     g = torch.Generator().manual_seed(0)
@@ -250,6 +259,26 @@ def test_drift_after_1000_steps_fp32():
         opt.step()
     err = pomfx.constraint_error(model)
     assert max(err.values()) <= 1e-5, err
+
+
+def test_gershgorin_test_of_the_gram_matrix():
+    """One Cholesky-QR pass is kept only where the discs bound κ(yᵀy) by 1 + _RESTEP: near-identity
+    Gram matrices pass, an ill-conditioned or non-finite one (in a batch of good ones) does not."""
+    from pomfx.optim import _RESTEP, _well_conditioned
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.linalg.qr(torch.randn(3, 64, 16, generator=g))[0]
+    xi = torch.randn(3, 64, 16, generator=g)
+    xi -= x @ (x.mT @ xi)  # tangent-like
+    small = x + 0.01 * xi / xi.norm(dim=(1, 2), keepdim=True)
+    assert _well_conditioned(small.mT @ small)
+    big = x + 2.0 * xi / xi.norm(dim=(1, 2), keepdim=True)
+    gram = big.mT @ big
+    ev = torch.linalg.eigvalsh(gram.double())
+    assert float((ev[:, -1] / ev[:, 0]).max()) > 1 + _RESTEP and not _well_conditioned(gram)
+    bad = (small.mT @ small).clone()
+    bad[1, 2, 3] = float("nan")
+    assert not _well_conditioned(bad)
 
 
 # -- non-finite gradients -----------------------------------------------------------------------
