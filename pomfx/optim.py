@@ -57,9 +57,11 @@ interleaved: one :class:`_KernelJob` applies the four manifolds' formulas side b
 per-component masks, as elementwise ops over the contiguous component axis (a B×B product of
 3×3 kernels is 3 fused multiply-adds over N, where a batched matmul or LAPACK call per component
 would be 10-40× slower on CPU). Block layers (K = 1) are bucketed: same manifold and shape, across
-layers, one :class:`_Job`. On CPU, work is cut into chunks of about ``chunk`` elements so that its
-passes run in cache, temporaries live in persistent workspaces (fresh large allocations page-fault
-on every step), and a non-finite check costs one reduction; on CUDA ("batched" mode) all kernel
+layers, one :class:`_Job`; on a CPU a job of small blocks runs as one numba loop
+(:func:`pomfx.fused.block_step`, the same formulas per block, in float64). On CPU, work is cut
+into chunks of about ``chunk`` elements so that its passes run in cache, temporaries live in
+persistent workspaces (fresh large allocations page-fault on every step), and a non-finite
+check costs one reduction; on CUDA ("batched" mode) all kernel
 layers of a shape form one job, run in one chunk with the same elementwise ops (batched matmuls
 and cuSOLVER's batched Cholesky on 3×3 matrices measured 20× slower on an H100), and nothing syncs
 with the host.
@@ -406,6 +408,26 @@ class _Job:
         self.norm_g = torch.as_tensor(np.sqrt(sizes * per_comp), dtype=torch.float64, device=device)
         self._scale_key = None
         self._scale = None
+        # small blocks on a CPU: the whole step in one numba loop (pomfx.fused.block_step)
+        self.fused = (
+            not self.cuda
+            and self.gid is None
+            and device.type == "cpu"
+            and fused.block_fusable(self.manifold, self.n, self.rows, self.cols)
+        )
+
+    def _fused_update(self, x: Tensor, g: Tensor, v: Tensor | None, s: Tensor, first, hy: _Hyper) -> None:
+        """:func:`_update` by :func:`pomfx.fused.block_step`: the same formulas, per block."""
+        n = x.shape[0]
+        k = 1.0 if hy.mu == 0 or hy.nesterov else _damp_factor(first, hy.damp, x)
+        k = torch.as_tensor(k, dtype=torch.float64).expand(n).contiguous()
+        cg = k * (-1.0 if hy.maximize else 1.0)
+        wdk = k * (hy.wd if self.manifold == "euc" else 0.0)
+        srow = s.shape[2] == 1
+        fused.block_step(
+            x, g.contiguous(), x if v is None else v, s.reshape(n, -1).contiguous(), srow,
+            _TYPE_CODE[self.manifold], cg, wdk, self.norm_g, hy.mu, hy.nesterov, hy.lr, hy.radius, _RESTEP,
+        )  # fmt: skip
 
     def _cat(self, tensors: list[Tensor]) -> Tensor:
         a, b = self.rows, self.cols
@@ -438,7 +460,10 @@ class _Job:
         s = self.scales()
         if s.dtype != x.dtype:
             s = s.to(x.dtype)
-        _update(self, x, g, v, s, k_first, hy)
+        if self.fused and x.dtype in (torch.float32, torch.float64) and fused.enabled():
+            self._fused_update(x, g, v, s, k_first, hy)
+        else:
+            _update(self, x, g, v, s, k_first, hy)
         if len(segs) > 1:
             for dst, src in zip(xs, x.view(-1).split([t.numel() for t in xs])):
                 dst.copy_(src)

@@ -496,11 +496,13 @@ def test_bad_arguments():
 @pytest.mark.parametrize("momentum,nesterov", [(0.0, False), (0.9, False), (0.9, True)])
 @pytest.mark.parametrize("manifolds", ["sp+ob+st", "sp+ob+st+euc"])
 def test_fused_kernels_match_torch_kernels(manifolds, momentum, nesterov, dtype, monkeypatch):
-    """pomfx.fused (one generated, vectorised loop per phase) computes what _KernelJob's torch
-    ops compute: every mode, a large step (Cholesky-QR twice), a group with a NaN gradient."""
+    """pomfx.fused (one generated, vectorised loop per phase; one loop per job of small blocks)
+    computes what _KernelJob's and _update's torch ops compute: every mode, a large step
+    (Cholesky-QR twice), a group with a NaN gradient."""
     assert fused.available(3, 3), "numba is a dependency of pomfx"
     calls = []
-    monkeypatch.setattr(fused, "phase_b", lambda *a, f=fused.phase_b: calls.append(1) or f(*a))
+    monkeypatch.setattr(fused, "phase_b", lambda *a, f=fused.phase_b: calls.append("b") or f(*a))
+    monkeypatch.setattr(fused, "block_step", lambda *a, f=fused.block_step: calls.append("blocks") or f(*a))
     ref = small_net(manifolds, dtype=dtype)
     new = copy.deepcopy(ref)
     kw = dict(lr=0.1, momentum=momentum, nesterov=nesterov, weight_decay=1e-3)
@@ -516,7 +518,7 @@ def test_fused_kernels_match_torch_kernels(manifolds, momentum, nesterov, dtype,
             m.setenv("POMFX_FUSED", "0")
             o_ref.step()
         o_new.step()
-    assert calls, "the fused kernels did not run"
+    assert {"b", "blocks"} <= set(calls), "the fused kernels did not run"
     rtol = 1e-5 if dtype == torch.float32 else 1e-11  # of each tensor's largest entry: rounding only
 
     def close(x, y):
