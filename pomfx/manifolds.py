@@ -234,11 +234,26 @@ def _gram_schmidt(x: Tensor, safe: bool) -> Tensor:
     return q.reshape(x.shape)
 
 
+_INVERSE_COLS = 96  # up to this B, y·R⁻¹ as a product with R⁻¹ (~2× faster on a CPU than a solve)
+
+
+def right_solve_upper(r: Tensor, y: Tensor) -> Tensor:
+    """``y·R⁻¹`` for upper-triangular (…, B, B) ``r``: a triangular solve, or, for small B on a
+    CPU, the B×B inverse (O(B³)) times y by a batched matmul (O(A·B²) in BLAS, where the batched
+    solve is about twice as slow). R here is a Cholesky factor of a well-conditioned Gram
+    matrix, so both are accurate to rounding."""
+    b = r.shape[-1]
+    if y.device.type == "cpu" and b <= _INVERSE_COLS:
+        eye = torch.eye(b, dtype=r.dtype, device=r.device).expand(r.shape)
+        return y @ torch.linalg.solve_triangular(r, eye, upper=True)
+    return torch.linalg.solve_triangular(r, y, upper=True, left=False)
+
+
 def _cholesky_qr2(x: Tensor) -> Tensor:
     """Q factor of well-conditioned tall matrices (x + ξ with ξ tangent) by Cholesky-QR, twice."""
     for _ in range(2):
         r = torch.linalg.cholesky(x.transpose(-1, -2) @ x, upper=True)
-        x = torch.linalg.solve_triangular(r, x, upper=True, left=False)
+        x = right_solve_upper(r, x)
     return x
 
 
@@ -263,11 +278,11 @@ def _orthonormalize(x: Tensor) -> Tensor:
     r, info = torch.linalg.cholesky_ex(g, upper=True)
     bad = info != 0
     r = torch.where(bad.view(-1, 1, 1), eye, r)  # keep the failed ones finite; redone below
-    y = torch.linalg.solve_triangular(r, flat, upper=True, left=False)
+    y = right_solve_upper(r, flat)
     g = y.transpose(-1, -2) @ y
     bad |= ~((g - eye).abs().amax((-2, -1)) <= 0.1)  # also catches NaN/inf
     r, info = torch.linalg.cholesky_ex(torch.where(bad.view(-1, 1, 1), eye, g), upper=True)
-    q = torch.linalg.solve_triangular(r, y, upper=True, left=False)
+    q = right_solve_upper(r, y)
     bad |= info != 0
     if bool(bad.any()):
         idx = bad.nonzero().squeeze(-1)

@@ -78,7 +78,7 @@ from torch.optim import Optimizer
 from torch.optim.sgd import sgd as _torch_sgd
 
 from . import fused
-from .manifolds import BIG_COMPONENT
+from .manifolds import BIG_COMPONENT, right_solve_upper
 from .parametrization import ComponentParameter
 
 __all__ = ["FGSGD"]
@@ -959,7 +959,7 @@ def _chol_qr_(y: Tensor, ok: Tensor | None, small: bool, twice: bool | None) -> 
     for i in range(2):  # y = x + ξ, ξ tangent: well conditioned, its Gram matrix is I + ξᵀξ
         g = q.transpose(1, 2) @ q
         r = torch.linalg.cholesky_ex(g, upper=True)[0]
-        q = torch.linalg.solve_triangular(r, q, upper=True, left=False)
+        q = right_solve_upper(r, q)
         if i == 0 and twice is None and _well_conditioned(g):
             break
     y.copy_(q if ok is None else torch.where(ok.view(-1, 1, 1), q, y))
