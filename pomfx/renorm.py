@@ -60,7 +60,7 @@ def lambda_hook(module: nn.Module, args: tuple) -> None:
     if _fused_map(x) and _fused_map(rv) and x.is_contiguous() and rv.is_contiguous():  # one read of x
         weight = max(1.0 / (int(pom.num_batches_tracked) + 1), MOMENTUM)
         fused.fold_channel_var(x.view(math.prod(x.shape[:cdim]), x.shape[cdim], -1), rv, weight)
-        pom.num_batches_tracked += 1
+        pom.num_batches_tracked.add_(1)  # in place: no Module.__setattr__
         return
     if x.is_cuda:  # one fused Welford kernel there
         dims = [d for d in range(x.dim()) if d != cdim]
@@ -69,7 +69,7 @@ def lambda_hook(module: nn.Module, args: tuple) -> None:
         var = _shifted_var(x, cdim, count)
     weight = (1.0 / (pom.num_batches_tracked + 1)).clamp(min=MOMENTUM)
     rv.lerp_(var.to(rv.dtype), weight.to(rv.dtype))
-    pom.num_batches_tracked += 1
+    pom.num_batches_tracked.add_(1)
 
 
 def _shifted_var(x: Tensor, cdim: int, count: int) -> Tensor:
