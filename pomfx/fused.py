@@ -806,16 +806,16 @@ def kernel(X, G, V, S, srow, typ, cg, wdk, norm_g, mu, nesterov, lr, radius, res
 """
 
 # the largest jobs whose step runs here (above them torch's batched BLAS and vectorised ops win;
-# measured per job on the 1×1 convs of MobileNetV2 and ResNet-50): Stiefel by n·A·B², the
-# others by n·A·B
-BLOCK_WORK, BLOCK_ELEMENTS = 1 << 18, 1 << 16
+# measured per job on the 1×1 convs of ResNet-18, ResNet-50 and MobileNetV2): Stiefel by A·B²
+# per block and n·A·B² per job, the others by A·B and n·A·B (a block is one thread's work)
+BLOCK_WORK, BLOCK_ELEMENTS = 1 << 16, 1 << 14
 
 
 def block_fusable(manifold: str, count: int, rows: int, cols: int) -> bool:
     """Whether :func:`block_step` serves a job of ``count`` (rows × cols) blocks of ``manifold``."""
-    if manifold == "st":
-        return count * rows * cols * cols <= BLOCK_WORK
-    return count * rows * cols <= BLOCK_ELEMENTS
+    work = rows * cols * (cols if manifold == "st" else 1)
+    limit = BLOCK_WORK if manifold == "st" else BLOCK_ELEMENTS
+    return work <= limit and count * work <= 4 * limit
 
 
 def block_step(
