@@ -58,6 +58,7 @@ __all__ = [
     "MAX_ELEMENTS",
     "available",
     "block_fusable",
+    "block_gamma",
     "block_step",
     "enabled",
     "fold_channel_var",
@@ -531,6 +532,40 @@ def scatter_scaled(src: torch.Tensor, index: torch.Tensor, scale: torch.Tensor) 
     fn = _compiled(("s", x.dtype.str), lambda: _SCATTER, x.dtype)
     out = src.new_empty(index.shape[0])
     _run(fn, x, _np(index), _np(scale), _np(out))
+    return out
+
+
+# -- the scales of block layouts --------------------------------------------------------------
+_GAMMA = """
+def kernel(gtab, oid, iid, kappa, transposed, out):
+    groups, d_per = oid.shape
+    c_per = iid.shape[1]
+    k = F(kappa)
+    for t in prange(groups * d_per):
+        g = t // d_per
+        d = t % d_per
+        row = gtab[g, oid[g, d]]
+        for c in range(c_per):
+            v = row[iid[g, c]] * k
+            if transposed:
+                out[g, c, d] = v
+            else:
+                out[g, d, c] = v
+"""
+
+
+def block_gamma(
+    gtab: np.ndarray, oid: np.ndarray, iid: np.ndarray, kappa: float, transposed: bool
+) -> torch.Tensor:
+    """``κ·γ`` of every weight element of a block layout from its tables (γ per block
+    (G, n_out, n_in), the chunk of each output (G, D_g) and input channel (G, C)), float32,
+    shaped (G, D_g, C), or (G, C, D_g) for a ConvTranspose weight: one parallel pass, where numpy's
+    gather and the multiply by κ were two single-threaded ones."""
+    groups, d_per = oid.shape
+    c_per = iid.shape[1]
+    out = torch.empty((groups, c_per, d_per) if transposed else (groups, d_per, c_per), dtype=torch.float32)
+    fn = _compiled(("gamma", gtab.dtype.str), lambda: _GAMMA, gtab.dtype)
+    _run(fn, gtab, oid, iid, float(kappa), bool(transposed), _np(out))
     return out
 
 

@@ -105,6 +105,15 @@ def _fusable(t: Tensor, a: int, b: int) -> bool:
     return _fused_map(t) and fused.available(a, b)
 
 
+def _gamma_times(layout: Layout, kappa: float) -> Tensor:
+    """(P, Q) float32 ``κ·γ``: for block layouts one numba pass over the layout's γ tables
+    (:func:`pomfx.fused.block_gamma`), else ``layout.gamma`` times κ (the same float32 products)."""
+    if layout.gamma_tables is not None and fused.enabled():
+        return fused.block_gamma(*layout.gamma_tables, kappa, layout.transposed).view(layout.weight_shape[:2])
+    gamma = torch.from_numpy(layout.gamma)
+    return gamma if kappa == 1.0 else gamma.mul_(kappa)
+
+
 class _ScaleKernels(torch.autograd.Function):
     """Kernel layouts: ``W[n] = R[n] · ω[:, :, n]`` (or its transpose), one multiply each way.
 
@@ -207,13 +216,13 @@ class POM(nn.Module):
         self.register_buffer("comp_type", torch.from_numpy(ctype), persistent=False)
         self.register_buffer("comp_group", torch.from_numpy(gid), persistent=False)
         self.register_buffer("kappa", torch.ones(()))
-        self.register_buffer("scale", torch.from_numpy(layout.gamma) if renorm else torch.ones(p, q))
         self.register_buffer("running_var", torch.ones(layout.in_features))
         self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long))
-        if weight is not None:  # R = κγ: the scale holds γ already
+        if weight is not None:
             self._set_kappa(weight)
-            if renorm:
-                self.scale.mul_(self.kappa)
+        # R = κγ (λ̂ = 1), or γ until calibrated; 1 without renormalization
+        scale = _gamma_times(layout, float(self.kappa)) if renorm else torch.ones(p, q)
+        self.register_buffer("scale", scale)
 
     # -- the layout's arrays, as tensors on the scales' device --------------------------------
     @property

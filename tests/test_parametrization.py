@@ -162,6 +162,24 @@ def test_fused_lambda_statistics_equal_the_torch_reductions(dtype, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=0)  # (the torch sums run in float32)
 
 
+@pytest.mark.parametrize(
+    "shape,kw",
+    [((24, 40, 1, 1), {}), ((12, 5, 1, 1), {"conv_groups": 3}), ((6, 4, 1, 1), {"transposed": True}),
+     ((8, 2, 1), {"conv_groups": 2, "transposed": True}), ((40, 24), {"scheme": "po", "group_size": 5})],
+)  # fmt: skip
+def test_initial_scale_is_kappa_times_gamma(shape, kw, monkeypatch):
+    """R = κγ at conversion, bit for bit, from the numba pass over a block layout's γ tables and
+    from the torch product (POMFX_FUSED=0): plain, grouped, ConvTranspose weights."""
+    lay = pomfx.layout.build_layout("w", shape, **kw)
+    w = torch.randn(shape)
+    made = pomfx.parametrization.POM(lay, weight=w)
+    assert lay.gamma_tables is not None
+    expected = torch.from_numpy(lay.gamma) * made.kappa
+    assert made.scale.shape == expected.shape and torch.equal(made.scale, expected)
+    monkeypatch.setenv("POMFX_FUSED", "0")
+    assert torch.equal(pomfx.parametrization.POM(lay, weight=w).scale, expected)
+
+
 def test_update_scales_commits_r_with_the_clamp():
     model = net()
     for _, _, pom, _ in layers(model):
