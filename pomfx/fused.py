@@ -30,10 +30,11 @@ passes of torch reductions); and FG-SGD's jobs of small blocks (1×1 convs, smal
 :func:`block_step`: the whole step of a job in one loop over its blocks, where ~80 torch ops
 per job cost far more than the arithmetic.
 
-Used (numba is a dependency of pomfx) for components of at most
-``MAX_ELEMENTS`` elements; :mod:`pomfx.optim` runs its torch kernels otherwise, or with
-``POMFX_FUSED=0``. Each (A, B, dtype, variant) is compiled on first use (a few seconds) and kept
-in numba's on-disk cache, under ``~/.cache/pomfx`` (or ``$POMFX_CACHE``).
+numba is a dependency of pomfx; the unrolled kernel-layer kernels serve components of at most
+``MAX_ELEMENTS`` elements, :func:`block_step` the blocks that :func:`block_fusable` admits, and
+the torch ops run otherwise, on CUDA, under torch.compile (the maps) or with ``POMFX_FUSED=0``.
+Each kernel is compiled on first use (a few seconds) and kept in numba's on-disk cache, under
+``~/.cache/pomfx`` (or ``$POMFX_CACHE``).
 
 Vectorisation is checked in the assembly (``vsqrtps``/``vfmadd…ps``): a load from a bool array in
 the loop body stopped it (phase B 5× slower), hence the int8 ``ok``.

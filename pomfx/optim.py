@@ -61,10 +61,9 @@ layers, one :class:`_Job`; on a CPU a job of small blocks runs as one numba loop
 (:func:`pomfx.fused.block_step`, the same formulas per block, in float64). On CPU, work is cut
 into chunks of about ``chunk`` elements so that its passes run in cache, temporaries live in
 persistent workspaces (fresh large allocations page-fault on every step), and a non-finite
-check costs one reduction; on CUDA ("batched" mode) all kernel
-layers of a shape form one job, run in one chunk with the same elementwise ops (batched matmuls
-and cuSOLVER's batched Cholesky on 3×3 matrices measured 20× slower on an H100), and nothing syncs
-with the host.
+check costs one reduction; on CUDA ("batched" mode) all kernel layers of a shape form one job,
+run in one chunk with the same elementwise ops (batched matmuls and cuSOLVER's batched Cholesky
+on 3×3 matrices measured 20× slower on an H100), and nothing syncs with the host.
 """
 
 from __future__ import annotations
@@ -409,7 +408,7 @@ class _Job:
         self._scale_key = None
         self._scale = None
         # small blocks on a CPU: the whole step in one numba loop (pomfx.fused.block_step)
-        self.fused = (
+        self.fusable = (
             not self.cuda
             and self.gid is None
             and device.type == "cpu"
@@ -424,6 +423,7 @@ class _Job:
         cg = k * (-1.0 if hy.maximize else 1.0)
         wdk = k * (hy.wd if self.manifold == "euc" else 0.0)
         srow = s.shape[2] == 1
+        # without momentum the kernel neither reads nor writes V: x stands in for it
         fused.block_step(
             x, g.contiguous(), x if v is None else v, s.reshape(n, -1).contiguous(), srow,
             _TYPE_CODE[self.manifold], cg, wdk, self.norm_g, hy.mu, hy.nesterov, hy.lr, hy.radius, _RESTEP,
@@ -460,7 +460,7 @@ class _Job:
         s = self.scales()
         if s.dtype != x.dtype:
             s = s.to(x.dtype)
-        if self.fused and x.dtype in (torch.float32, torch.float64) and fused.enabled():
+        if self.fusable and x.dtype in (torch.float32, torch.float64) and fused.enabled():
             self._fused_update(x, g, v, s, k_first, hy)
         else:
             _update(self, x, g, v, s, k_first, hy)
@@ -1100,7 +1100,10 @@ def _update(job: _Job, x: Tensor, g: Tensor, v: Tensor | None, s: Tensor, first,
                 t = t * okf.view(n, 1)
             v.addcmul_(x, t.view(n, 1, b))
     else:  # st
-        twice = True if job.cuda else bool(((h * h) * q).max() > _RESTEP) if small else None
+        if job.cuda:
+            twice = True  # no host sync
+        else:  # small components: by the step's size; blocks: by the Gram matrix (None)
+            twice = bool(((h * h) * q).max() > _RESTEP) if small else None
         _chol_qr_(x, ok, small, twice)
         if transport:
             c = _sym(_tmm(x, v, small))

@@ -42,8 +42,8 @@ def lambda_hook(module: nn.Module, args: tuple) -> None:
     original's. On CPU the variance is computed from sums over the non-channel dimensions of the
     input shifted by one of its samples (no cancellation when the mean is large against the
     spread; :func:`pomfx.fused.fold_channel_var` in one pass where it can), on CUDA by
-    ``var_mean``; the running value is a cumulative average over the first
-    batches, then an exponential one (momentum 0.1), without a host sync.
+    ``var_mean``; the running value is a cumulative average over the first batches, then an
+    exponential one (momentum 0.1), without a host sync.
     """
     if not module.training or not args or not isinstance(args[0], Tensor):
         return
