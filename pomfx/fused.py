@@ -625,10 +625,11 @@ def kernel(x, rv, w, rows):
     parts = (n + rows - 1) // rows
     p1 = np.zeros((parts, channels))
     p2 = np.zeros((parts, channels))
+    ref = x[0].astype(np.float64)
     for k in prange(parts):
         for o in range(k * rows, min(n, k * rows + rows)):
             for c in range(channels):
-                d = np.float64(x[o, c]) - np.float64(x[0, c])
+                d = np.float64(x[o, c]) - ref[c]
                 p1[k, c] += d
                 p2[k, c] += d * d
     s1 = np.empty(channels)
