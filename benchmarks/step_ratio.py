@@ -21,6 +21,7 @@ process after imports, over two steps after the model is built; CUDA:
 
     python benchmarks/step_ratio.py                       # CPU: resnet18, bs 16, 64×64, 2 threads
     python benchmarks/step_ratio.py --device cuda         # GPU: resnet50, bs 64, 224×224
+    python benchmarks/step_ratio.py --device cuda --graph --variants plain,pomfx   # steps as CUDA graphs
     python benchmarks/step_ratio.py --variants plain,pomfx --rounds 30
 """
 
@@ -139,7 +140,10 @@ def batch(args):
     return x.to(args.device), y.to(args.device)
 
 
-def make_step(model, opt, x, y):
+def make_step(model, opt, x, y, graph: bool = False):
+    """A training step of ``model``: eager, or (``graph``, CUDA) the whole step captured once in
+    a CUDA graph and replayed (torch's whole-network capture: warm-up on a side stream, then
+    capture; the inputs, learning rate and hyperparameters stay fixed)."""
     loss_fn = nn.CrossEntropyLoss()
 
     def step():
@@ -147,7 +151,20 @@ def make_step(model, opt, x, y):
         loss_fn(model(x), y).backward()
         opt.step()
 
-    return step
+    if not graph:
+        return step
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(g):
+        loss_fn(model(x), y).backward()
+        opt.step()
+    return g.replay
 
 
 def sync(device: str) -> None:
@@ -162,7 +179,7 @@ def time_steps(args) -> dict[str, list[float]]:
         t0 = time.perf_counter()
         model, opt = build(v, args)
         print(f"  built {v} in {time.perf_counter() - t0:.2f} s", flush=True)
-        steps[v] = make_step(model, opt, x, y)
+        steps[v] = make_step(model, opt, x, y, args.graph)
     for w in range(args.warmup):
         for v in args.variants:
             if w == 0 or v not in args.slow:  # the peers take seconds a step: one warm-up
@@ -213,7 +230,7 @@ def memory_child(variant: str, args) -> None:
     building (converting) the model took before is not counted."""
     x, y = batch(args)
     if args.device.startswith("cuda"):
-        step = make_step(*build(variant, args), x, y)
+        step = make_step(*build(variant, args), x, y, args.graph)
         sync(args.device)
         torch.cuda.reset_peak_memory_stats()
         for _ in range(2):
@@ -293,6 +310,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--min-rounds", type=int, default=5)
     ap.add_argument("--budget", type=float, default=300.0, help="seconds of timed rounds at most")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--graph", action="store_true", help="CUDA: each variant's whole step as one CUDA graph")
     ap.add_argument("--convert", action="store_true", help="also time pomfx.convert(resnet50)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
@@ -305,6 +323,8 @@ def main(argv=None) -> dict:
     bad = [v for v in args.variants if v not in VARIANTS]
     if bad:
         ap.error(f"unknown variant {bad[0]!r}; valid: {', '.join(VARIANTS)}")
+    if args.graph and not cuda:
+        ap.error("--graph captures CUDA graphs: use it with --device cuda")
     if args.clock == "cpu" and (args.threads != 1 or cuda):
         ap.error("--clock cpu measures one thread's CPU time: use it with --threads 1 on CPU")
     args.clock_name = args.clock
@@ -315,6 +335,7 @@ def main(argv=None) -> dict:
     args.passthrough = [
         f"--device={args.device}", f"--arch={args.arch}", f"--batch={args.batch}", f"--size={args.size}",
         f"--num-classes={args.num_classes}", f"--threads={args.threads}", f"--peer-shape={args.peer_shape}",
+        *(["--graph"] if args.graph else []),
     ]  # fmt: skip
     if args.memory_of:
         memory_child(args.memory_of, args)
@@ -322,7 +343,8 @@ def main(argv=None) -> dict:
 
     where = machine(args.device)
     print(f"step_ratio: {args.arch}, batch {args.batch}, {args.size}×{args.size}, {args.device} ({where}), "
-          f"torch {torch.__version__}, {args.clock_name} clock", flush=True)  # fmt: skip
+          f"torch {torch.__version__}, {args.clock_name} clock{', CUDA graphs' if args.graph else ''}",
+          flush=True)  # fmt: skip
     times = time_steps(args)
     med = {v: statistics.median(t) for v, t in times.items()}
     mem = {} if args.no_memory else {v: peak_memory(v, args) for v in args.variants}
@@ -339,8 +361,9 @@ def main(argv=None) -> dict:
         for peer in ("geotorch", "geoopt"):
             if peer in med:
                 print(f"pomfx is {med[peer] / med['pomfx']:.1f}× faster per step than {peer}")
-    result = {"machine": where, "device": args.device, "clock": args.clock_name, "arch": args.arch,
-              "batch": args.batch, "size": args.size, "torch": torch.__version__, "rows": rows}  # fmt: skip
+    result = {"machine": where, "device": args.device, "clock": args.clock_name, "graph": args.graph,
+              "arch": args.arch, "batch": args.batch, "size": args.size, "torch": torch.__version__,
+              "rows": rows}  # fmt: skip
     if args.convert:
         result["convert_resnet50_s"] = convert_time(args)
         print(f"pomfx.convert(resnet50): {result['convert_resnet50_s']:.3f} s (median of 5)")

@@ -339,7 +339,8 @@ def _plan(params: list[ComponentParameter], chunk: int, batched: bool | None) ->
                 want = np.arange(chunk // per, b.count, max(1, chunk // per))
                 at = np.unique(np.clip(np.searchsorted(ends, want), 0, len(ends) - 1))
                 cuts = sorted({0, b.count, *(int(ends[i]) for i in at)})
-            along = pom.layout.scale_probes[bi].shape[1:]  # R's broadcast: (A, 1) or (1, B)
+            # batched: both broadcasts of R, (A, 1) and (1, B), in one job (fewer launches)
+            along = None if cuda else pom.layout.scale_probes[bi].shape[1:]
             for c0, c1 in zip(cuts[:-1], cuts[1:]):
                 if c1 > c0:
                     kind = (b.manifold, b.rows, b.cols, cuda, p.dtype, p.device, along)
@@ -389,7 +390,21 @@ class _Segment:
         return self.c1 - self.c0
 
 
-class _Job:
+class _GroupNorms:
+    """What both kinds of job share: ``norm_g`` (float64), ‖ω_g‖ of every group of the job."""
+
+    norm_g: Tensor
+
+    def _norms(self, dt: torch.dtype) -> Tensor:
+        """‖ω_g‖ of every group, in ``dt`` (cast once)."""
+        cache = self.__dict__.setdefault("_norm_g", {})
+        norm_g = cache.get(dt)
+        if norm_g is None:
+            norm_g = cache[dt] = self.norm_g.to(dt)
+        return norm_g
+
+
+class _Job(_GroupNorms):
     """Block segments of one kind, stepped together (concatenated when there are several)."""
 
     def __init__(self, kind: tuple, segs: list[_Segment]):
@@ -407,6 +422,8 @@ class _Job:
         self.norm_g = torch.as_tensor(np.sqrt(sizes * per_comp), dtype=torch.float64, device=device)
         self._scale_key = None
         self._scale = None
+        # R broadcast differently in different segments (batched mode): g scaled segment by segment
+        self.prescale = len({s.p.pom.layout.scale_probes[s.bi].shape[1:] for s in segs}) > 1
         # small blocks on a CPU: the whole step in one numba loop (pomfx.fused.block_step)
         self.fusable = (
             not self.cuda
@@ -435,14 +452,23 @@ class _Job:
             return tensors[0].view(-1, a, b)
         return torch.cat(tensors).view(-1, a, b)
 
-    def scales(self) -> Tensor:
-        """s = 1/R²: (n, A, 1) or (n, 1, B), broadcasting over the blocks' output channels; cached."""
+    def scales(self) -> Tensor | list[Tensor]:
+        """s = 1/R²: (n, A, 1) or (n, 1, B), broadcasting over the blocks' output channels; a
+        list of the segments' own with ``prescale``. Cached until a layer's scales change."""
         key = tuple(s.p.pom._scale_key() for s in self.segs)
         if key != self._scale_key:
             parts = [s.p.pom.lr_scale()[s.bi][s.c0 : s.c1] for s in self.segs]
-            self._scale = parts[0] if len(parts) == 1 else torch.cat(parts)
+            self._scale = parts if self.prescale else parts[0] if len(parts) == 1 else torch.cat(parts)
             self._scale_key = key
         return self._scale
+
+    def _scaled_grad(self, gs: list[Tensor], like: Tensor) -> Tensor:
+        """``s ⊙ g`` of the job, segment by segment into one (n, A, B) tensor (``prescale``)."""
+        out = like.new_empty(like.shape)
+        parts = out.view(-1).split([t.numel() for t in gs])
+        for g, s, o in zip(gs, self.scales(), parts):
+            torch.mul(g.view(-1, self.rows, self.cols), s, out=o.view(-1, self.rows, self.cols))
+        return out
 
     def run(self, flat: dict, first: dict, hy: _Hyper) -> None:
         segs = self.segs
@@ -450,26 +476,27 @@ class _Job:
         gs = [flat[id(s.p)][1][s.start : s.stop] for s in segs]
         momentum = hy.mu != 0
         vs = [flat[id(s.p)][2][s.start : s.stop] for s in segs] if momentum else None
-        x, g = self._cat(xs), self._cat(gs)
+        x = self._cat(xs)
         v = self._cat(vs) if momentum else None
         firsts = [first[id(s.p)] for s in segs]
         if all(firsts) or not any(firsts):
             k_first = firsts[0]
         else:
             k_first = torch.cat([torch.full((s.count,), f, device=x.device) for s, f in zip(segs, firsts)])
-        s = self.scales()
-        if s.dtype != x.dtype:
-            s = s.to(x.dtype)
+        if self.prescale:
+            g, s = self._scaled_grad(gs, x), None
+        else:
+            g, s = self._cat(gs), self.scales()
+            if s.dtype != x.dtype:
+                s = s.to(x.dtype)
         if self.fusable and x.dtype in (torch.float32, torch.float64) and fused.enabled():
             self._fused_update(x, g, v, s, k_first, hy)
         else:
             _update(self, x, g, v, s, k_first, hy)
-        if len(segs) > 1:
-            for dst, src in zip(xs, x.view(-1).split([t.numel() for t in xs])):
-                dst.copy_(src)
+        if len(segs) > 1:  # back into the layers, in one (foreach) launch
+            torch._foreach_copy_(xs, list(x.view(-1).split([t.numel() for t in xs])))
             if momentum:
-                for dst, src in zip(vs, v.view(-1).split([t.numel() for t in vs])):
-                    dst.copy_(src)
+                torch._foreach_copy_(vs, list(v.view(-1).split([t.numel() for t in vs])))
 
 
 # -- kernel layers: structure-of-arrays components of every manifold, side by side ---------------
@@ -496,7 +523,7 @@ class _Workspace:
         return t[:numel]
 
 
-class _KernelJob:
+class _KernelJob(_GroupNorms):
     """One kernel layer: ω is ``(A, B, N)`` (see :class:`pomfx.parametrization.POM`), its
     components of all manifolds interleaved in weight order. Every operation is a small-matrix
     one written as elementwise ops over the contiguous N axis, with per-component masks choosing
@@ -527,7 +554,6 @@ class _KernelJob:
         self.ids = gid[0] if len(gid) == 1 else torch.cat(gid)  # group of each component (int32)
         norm2 = torch.cat([pom.group_norm2 for pom in poms])
         self.norm_g = norm2.double().sqrt()  # exact: the norms² are integers
-        self._norm_g: dict = {}
         self._all_ok: Tensor | None = None
         self._scale_key, self._scale = None, None
         step = self.n if self.cuda else max(1, chunk // (self.a * self.b))
@@ -582,11 +608,10 @@ class _KernelJob:
             G = torch.cat([g.view(a, b, -1) for _, g, _ in parts], 2)
             V = torch.cat([v.view(a, b, -1) for _, _, v in parts], 2) if parts[0][2] is not None else None
         self._run([(X, G, V)], first, hy, False)
-        if len(parts) > 1:
+        if len(parts) > 1:  # back into the layers, in one (foreach) launch
             dst = [x for x, _, _ in parts] + ([v for _, _, v in parts] if V is not None else [])
             src = list(X.split(self.sizes, 2)) + (list(V.split(self.sizes, 2)) if V is not None else [])
-            for d, s_ in zip(dst, src):
-                d.view(a, b, -1).copy_(s_)
+            torch._foreach_copy_([d.view(a, b, -1) for d in dst], src)
 
     def _damping(self, first: dict, hy: _Hyper, like: Tensor):
         """k = 1 − τ (1 on a parameter's first step, and without the heavy ball): a float, or
@@ -599,13 +624,6 @@ class _KernelJob:
         parts = [torch.full((m,), 1.0 if f else 1.0 - hy.damp, dtype=like.dtype, device=like.device)
                  for m, f in zip(self.sizes, firsts)]  # fmt: skip
         return torch.cat(parts)
-
-    def _norms(self, dt: torch.dtype) -> Tensor:
-        """‖ω_g‖ of every group, in ``dt``."""
-        norm_g = self._norm_g.get(dt)
-        if norm_g is None:
-            norm_g = self._norm_g[dt] = self.norm_g.to(dt)
-        return norm_g
 
     def _ones(self) -> Tensor:
         """(N,) True: every component steps."""
@@ -665,7 +683,7 @@ class _KernelJob:
         gsum = ws.get("n1", (n,), X)
         for (_, g, _), (i, j) in zip(segs, spans):
             torch.sum(g, (0, 1), out=gsum[i:j])
-        fin = torch.isfinite(gsum)
+        fin = _finite(gsum)
         if not self.cuda and bool(fin.all()):  # the common case: no group to skip
             ok = None
         else:
@@ -880,6 +898,12 @@ def _soa_chol_(P: Tensor, R: Tensor, d: Tensor) -> Tensor:
 
 
 # -- the arithmetic of one job ------------------------------------------------------------------
+def _finite(t: Tensor) -> Tensor:
+    """``isfinite(t)`` as ``t − t == 0`` (NaN and ±inf give NaN): two kernels on CUDA, where
+    ``torch.isfinite`` takes four."""
+    return (t - t) == 0
+
+
 def _dot(a: Tensor, b: Tensor) -> Tensor:
     """Per-component inner products of (n, A, B) tensors: (n,); large components summed
     accurately (see :func:`pomfx.manifolds.frobenius_norm`)."""
@@ -978,23 +1002,25 @@ def _well_conditioned(gram: Tensor) -> bool:
 
 def _update(job: _Job, x: Tensor, g: Tensor, v: Tensor | None, s: Tensor, first, hy: _Hyper) -> None:
     """One FG-SGD step of the (n, A, B) components ``x`` with raw gradient ``g``, momentum ``v``
-    and scales ``s``, in place on x and v. See the module docstring for the formulas."""
+    and scales ``s`` (None: ``g`` is scaled already), in place on x and v. See the module
+    docstring for the formulas."""
     man, small, n = job.manifold, job.small, x.shape[0]
     b = x.shape[2]
-    g = g * s  # 1/R² of every element: (n, A, 1) or (n, 1, B), a broadcast over output channels
+    if s is not None:
+        g = g * s  # 1/R² of every element: (n, A, 1) or (n, 1, B), a broadcast over output channels
     # 1. the normal part of the gradient, whose reduction also tells finite components
     if man == "sp":
         a = _dot(x, g)
-        fin = torch.isfinite(a)
+        fin = _finite(a)
     elif man == "ob":
         a = _coldot(x, g, small)
-        fin = torch.isfinite(a).all(1)
+        fin = _finite(a).all(1)
     elif man == "st":
         a = _tmm(x, g, small)
-        fin = torch.isfinite(a).view(n, -1).all(1)
+        fin = _finite(a).view(n, -1).all(1)
     else:
         a = None
-        fin = torch.isfinite(g).view(n, -1).all(1)
+        fin = _finite(g).view(n, -1).all(1)
     if job.gid is not None:
         bad = torch.zeros(job.ng, dtype=torch.int32, device=x.device).index_add_(0, job.gid, (~fin).int())
         ok = bad[job.gid] == 0
@@ -1071,7 +1097,7 @@ def _update(job: _Job, x: Tensor, g: Tensor, v: Tensor | None, s: Tensor, first,
         if job.gid is None
         else torch.zeros(job.ng, dtype=q.dtype, device=q.device).index_add_(0, job.gid, q)
     )
-    f = (hy.radius * job.norm_g.to(q.dtype) / (qg.sqrt() * lr).clamp_min(1e-30)).clamp_(max=1.0)
+    f = (hy.radius * job._norms(q.dtype) / (qg.sqrt() * lr).clamp_min(1e-30)).clamp_(max=1.0)
     if job.gid is not None:
         f = f[job.gid]
     h = f * lr

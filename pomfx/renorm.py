@@ -67,9 +67,8 @@ def lambda_hook(module: nn.Module, args: tuple) -> None:
         var = torch.var_mean(x.float(), dims, correction=0)[0]
     else:
         var = _shifted_var(x, cdim, count)
-    weight = (1.0 / (pom.num_batches_tracked + 1)).clamp(min=MOMENTUM)
-    rv.lerp_(var.to(rv.dtype), weight.to(rv.dtype))
-    pom.num_batches_tracked.add_(1)
+    seen = pom.num_batches_tracked.add_(1)  # this batch counted: the weight is 1/seen, at least 0.1
+    rv.lerp_(var.to(rv.dtype), seen.reciprocal().clamp_(min=MOMENTUM).to(rv.dtype))
 
 
 def _shifted_var(x: Tensor, cdim: int, count: int) -> Tensor:

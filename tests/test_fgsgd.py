@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import pomfx
 from pomfx import fused
@@ -118,7 +119,13 @@ def test_step_matches_reference_float64(cfg, batched):
         chunk=200,
     )  # fmt: skip  (several chunks and jobs)
     opt._batched = batched
-    for step in range(3):
+    _steps_match_reference(model, opt, lr, mu, damp, wd, nest, maxi)
+
+
+def _steps_match_reference(model, opt, lr, mu, damp=0.0, wd=0.0, nest=False, maxi=False, steps=3):
+    """``steps`` steps of ``opt`` on random gradients (a large first one: the radius cap acts)
+    equal :func:`reference_step`'s, ω and momentum, to 1e-10."""
+    for step in range(steps):
         g = torch.Generator().manual_seed(step)
         for p in model.parameters():
             p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype) * (3.0 if step == 0 else 0.1)
@@ -133,6 +140,23 @@ def test_step_matches_reference_float64(cfg, batched):
                 torch.testing.assert_close(x, xn, rtol=0, atol=1e-10)
                 if mu:
                     torch.testing.assert_close(vs[i][1], vn, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["chunked", "batched"])
+def test_blocks_of_both_broadcasts_of_r_step_together(batched):
+    """(8, 4) blocks of a (16, 8) weight keep R along their columns, the transposed-stored (4, 8)
+    blocks of an (8, 16) weight along their rows; batched mode (CUDA) steps both in one job,
+    scaling the gradient segment by segment, with the reference's result."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(8, 16, 1), nn.ReLU(), nn.Conv2d(16, 8, 1)).double()
+    model = pomfx.convert(net, scheme="pio", manifolds="sp+ob+st", include=[nn.Conv2d])
+    model(torch.randn(4, 8, 3, 3, dtype=torch.float64) * torch.linspace(0.5, 2, 8).view(1, 8, 1, 1).double())
+    pomfx.update_scales(model)  # R varies along the input channels
+    opt = pomfx.FGSGD(model.parameters(), lr=0.05, momentum=0.9)
+    opt._batched = batched
+    _steps_match_reference(model, opt, 0.05, 0.9)
+    jobs = [j for plan in opt._plans.values() for j in plan]
+    assert any(getattr(j, "prescale", False) for j in jobs) == batched
 
 
 def test_first_order_sphere_step():
@@ -319,6 +343,42 @@ def test_nonfinite_gradient_skips_its_group_only(bad, batched):
         assert torch.equal(p.detach()[m], w0[m]) and torch.equal(opt.state[p]["momentum_buffer"][m], v0[m])
         assert not torch.equal(p.detach()[~m], w0[~m])  # the other groups moved
         assert torch.isfinite(p).all()
+    assert max(pomfx.constraint_error(model).values()) < 1e-5
+
+
+class _HostSyncs(TorchDispatchMode):
+    """Counts the aten ops that make a CUDA program wait for the device (``.item()``, ``bool()``,
+    ``nonzero``...), whatever the device the ops run on."""
+
+    SYNCS = {"_local_scalar_dense", "nonzero", "item", "is_nonzero", "equal"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.SYNCS:
+            self.seen.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mu, nesterov", [(0.0, False), (0.9, False), (0.9, True)])
+def test_batched_training_step_never_waits_for_the_device(monkeypatch, mu, nesterov):
+    """The CUDA code path (batched FG-SGD, pomfx's torch ops in the forward and backward) decides
+    nothing on the host from a tensor's value, finite gradients or not: no host sync."""
+    monkeypatch.setenv("POMFX_FUSED", "0")  # the torch ops that CUDA runs
+    model = small_net("sp+ob+st+euc").train()
+    opt = pomfx.FGSGD(model.parameters(), lr=0.1, momentum=mu, nesterov=nesterov, weight_decay=1e-3)
+    opt._batched = True
+    x = torch.randn(4, 3, 6, 6)
+    for step in range(3):
+        opt.zero_grad(set_to_none=True)
+        with _HostSyncs() as syncs:
+            model(x).square().mean().backward()
+            if step == 2:
+                omegas(model)[0].grad[0] = float("nan")
+            opt.step()
+        assert syncs.seen == [], f"step {step}: {syncs.seen}"
     assert max(pomfx.constraint_error(model).values()) < 1e-5
 
 
