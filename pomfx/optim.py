@@ -339,11 +339,12 @@ def _plan(params: list[ComponentParameter], chunk: int, batched: bool | None) ->
                 want = np.arange(chunk // per, b.count, max(1, chunk // per))
                 at = np.unique(np.clip(np.searchsorted(ends, want), 0, len(ends) - 1))
                 cuts = sorted({0, b.count, *(int(ends[i]) for i in at)})
-            # batched: both broadcasts of R, (A, 1) and (1, B), in one job (fewer launches)
-            along = None if cuda else pom.layout.scale_probes[bi].shape[1:]
+            # batched: every manifold and both broadcasts of R, (A, 1) and (1, B), of a block
+            # shape in one job (fewer launches)
+            man, along = (None, None) if cuda else (b.manifold, pom.layout.scale_probes[bi].shape[1:])
             for c0, c1 in zip(cuts[:-1], cuts[1:]):
                 if c1 > c0:
-                    kind = (b.manifold, b.rows, b.cols, cuda, p.dtype, p.device, along)
+                    kind = (man, b.rows, b.cols, cuda, p.dtype, p.device, along)
                     kinds.setdefault(kind, []).append(_Segment(p, b, bi, c0, c1))
     shared = _Workspace()
     for ps in kernels.values():
@@ -351,6 +352,7 @@ def _plan(params: list[ComponentParameter], chunk: int, batched: bool | None) ->
         jobs.append(_KernelJob(ps, chunk, cuda, shared))
     for kind, segs in kinds.items():
         cuda = kind[3]
+        segs.sort(key=lambda seg: _TYPE_CODE[seg.b.manifold])  # each manifold's components together
         cur, size = [], 0
         for seg in segs:
             if cur and not cuda and size + seg.numel > chunk:
@@ -408,13 +410,23 @@ class _Job(_GroupNorms):
     """Block segments of one kind, stepped together (concatenated when there are several)."""
 
     def __init__(self, kind: tuple, segs: list[_Segment]):
-        self.manifold, self.rows, self.cols, self.cuda, _, device, _ = kind
+        self.manifold, self.rows, self.cols, self.cuda, _, device, _ = kind  # manifold None: several
         self.segs = segs
         self.n = sum(s.count for s in segs)
         self.small = self.rows <= _SMALL_ROWS and self.cols <= _SMALL_COLS and not self.cuda
+        # the components of each manifold: one range each (the plan orders segments by manifold)
+        self.parts, start = [], 0
+        for seg in segs:
+            if self.parts and self.parts[-1][0] == seg.b.manifold:
+                self.parts[-1] = (seg.b.manifold, self.parts[-1][1], start + seg.count)
+            else:
+                self.parts.append((seg.b.manifold, start, start + seg.count))
+            start += seg.count
         # groups: ids local to the job, and Σ_c ‖ω_c‖²_F of each group
         sizes = np.concatenate([s.sizes for s in segs])
-        per_comp = 1.0 if self.manifold == "sp" else float(self.cols)
+        per_comp = np.concatenate(
+            [np.full(len(s.sizes), 1.0 if s.b.manifold == "sp" else float(self.cols)) for s in segs]
+        )
         self.ng = len(sizes)
         self.gid = None
         if self.ng != self.n:
@@ -1003,24 +1015,20 @@ def _well_conditioned(gram: Tensor) -> bool:
 def _update(job: _Job, x: Tensor, g: Tensor, v: Tensor | None, s: Tensor, first, hy: _Hyper) -> None:
     """One FG-SGD step of the (n, A, B) components ``x`` with raw gradient ``g``, momentum ``v``
     and scales ``s`` (None: ``g`` is scaled already), in place on x and v. See the module
-    docstring for the formulas."""
-    man, small, n = job.manifold, job.small, x.shape[0]
-    b = x.shape[2]
+    docstring for the formulas. ``job.parts`` splits the components into ranges of one manifold
+    each: the manifolds' own pieces (normal part, retraction, transport) run range by range,
+    the rest (momentum, step size, the move) once over all."""
+    small, n, b = job.small, x.shape[0], x.shape[2]
+    parts = job.parts
     if s is not None:
         g = g * s  # 1/R² of every element: (n, A, 1) or (n, 1, B), a broadcast over output channels
     # 1. the normal part of the gradient, whose reduction also tells finite components
-    if man == "sp":
-        a = _dot(x, g)
-        fin = _finite(a)
-    elif man == "ob":
-        a = _coldot(x, g, small)
-        fin = _finite(a).all(1)
-    elif man == "st":
-        a = _tmm(x, g, small)
-        fin = _finite(a).view(n, -1).all(1)
-    else:
-        a = None
-        fin = _finite(g).view(n, -1).all(1)
+    coefs, fins = [], []
+    for man, i, j in parts:
+        a, fin = _normal_coef(man, x[i:j], g[i:j], small)
+        coefs.append(a)
+        fins.append(fin)
+    fin = fins[0] if len(fins) == 1 else torch.cat(fins)
     if job.gid is not None:
         bad = torch.zeros(job.ng, dtype=torch.int32, device=x.device).index_add_(0, job.gid, (~fin).int())
         ok = bad[job.gid] == 0
@@ -1030,8 +1038,10 @@ def _update(job: _Job, x: Tensor, g: Tensor, v: Tensor | None, s: Tensor, first,
         ok = None  # CPU: the check is free, and the arithmetic below needs no masks
     if ok is not None:
         g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
-        if a is not None:
-            a = torch.where(ok.view((n,) + (1,) * (a.dim() - 1)), a, 0.0)
+        coefs = [
+            a if a is None else torch.where(ok[i:j].view((j - i,) + (1,) * (a.dim() - 1)), a, 0.0)
+            for a, (_, i, j) in zip(coefs, parts)
+        ]
         okf = ok.to(x.dtype)
     # coefficient of the gradient in d (and in the momentum buffer)
     mu = hy.mu
@@ -1045,20 +1055,22 @@ def _update(job: _Job, x: Tensor, g: Tensor, v: Tensor | None, s: Tensor, first,
 
     def add_d(out: Tensor) -> None:
         """out += k·d (out already holds k·s·g): subtract the normal part, add weight decay."""
-        if man == "sp":
-            out.addcmul_(x, (cg1 * a).view(n, 1, 1), value=-1.0)
-        elif man == "ob":
-            out.addcmul_(x, (cg1[:, None] * a).view(n, 1, b), value=-1.0)
-        elif man == "st":
-            _sub_mm_(out, x, _sym(a).mul_(cg1.view(n, 1, 1)), small)
-        elif hy.wd:
-            wd = hy.wd * (k if isinstance(k, float) else k.view(n, 1, 1))
-            if ok is not None:
-                wd = okf.view(n, 1, 1) * wd
-            if isinstance(wd, Tensor):
-                out.addcmul_(x, wd)
-            else:
-                out.add_(x, alpha=wd)
+        for (man, i, j), a in zip(parts, coefs):
+            o, xs, m = out[i:j], x[i:j], j - i
+            if man == "sp":
+                o.addcmul_(xs, (cg1[i:j] * a).view(m, 1, 1), value=-1.0)
+            elif man == "ob":
+                o.addcmul_(xs, (cg1[i:j, None] * a).view(m, 1, b), value=-1.0)
+            elif man == "st":
+                _sub_mm_(o, xs, _sym(a).mul_(cg1[i:j].view(m, 1, 1)), small)
+            elif hy.wd:
+                wd = hy.wd * (k if isinstance(k, float) else k[i:j].view(m, 1, 1))
+                if ok is not None:
+                    wd = okf[i:j].view(m, 1, 1) * wd
+                if isinstance(wd, Tensor):
+                    o.addcmul_(xs, wd)
+                else:
+                    o.add_(xs, alpha=wd)
 
     def mul_g(out: Tensor | None) -> Tensor:
         if isinstance(cg3, Tensor):
@@ -1078,20 +1090,22 @@ def _update(job: _Job, x: Tensor, g: Tensor, v: Tensor | None, s: Tensor, first,
         if mu != 0:
             v.mul_(mu_eff).add_(u)
             u.add_(v, alpha=mu)
-    # 3. step size, retraction, transport
+    # 3. step size and the move; Euclidean components: lr
     lr = hy.lr
-    if man == "euc":
+    if all(man == "euc" for man, _, _ in parts):
         h = lr if ok is None else okf.view(n, 1, 1) * lr
         if isinstance(h, Tensor):
             x.addcmul_(u, h, value=-1.0)
         else:
             x.add_(u, alpha=-h)
         return
-    if man == "ob":
-        qc = _coldot(u, u, small)
-        q = qc.sum(1)
+    qc = {}  # per oblique range: ‖u‖² of every column
+    if len(parts) == 1 and parts[0][0] == "ob":
+        qc[0] = _coldot(u, u, small)
+        q = qc[0].sum(1)
     else:
         q = _dot(u, u)
+        qc = {r: _coldot(u[i:j], u[i:j], small) for r, (man, i, j) in enumerate(parts) if man == "ob"}
     qg = (
         q
         if job.gid is None
@@ -1100,17 +1114,48 @@ def _update(job: _Job, x: Tensor, g: Tensor, v: Tensor | None, s: Tensor, first,
     f = (hy.radius * job._norms(q.dtype) / (qg.sqrt() * lr).clamp_min(1e-30)).clamp_(max=1.0)
     if job.gid is not None:
         f = f[job.gid]
+    for man, i, j in parts:
+        if man == "euc":
+            f[i:j] = 1.0
     h = f * lr
     if ok is not None:
         h = h * okf
     x.addcmul_(u, h.view(n, 1, 1), value=-1.0)
-    transport = mu != 0
+    # 4. retraction and transport, manifold by manifold
+    for r, (man, i, j) in enumerate(parts):
+        oks, okfs = (None, None) if ok is None else (ok[i:j], okf[i:j])
+        _retract_transport(
+            man, x[i:j], None if mu == 0 else v[i:j], h[i:j], q[i:j], qc.get(r), oks, okfs, job, hy
+        )
+
+
+def _normal_coef(man: str, x: Tensor, g: Tensor, small: bool) -> tuple[Tensor | None, Tensor]:
+    """The coefficients of the normal part of ``g`` at ``x`` (ωᵀg's trace on sp, its diagonal
+    on ob, the whole B×B product on st, none on euc) and which components they say are finite."""
+    n = x.shape[0]
+    if man == "sp":
+        a = _dot(x, g)
+        return a, _finite(a)
+    if man == "ob":
+        a = _coldot(x, g, small)
+        return a, _finite(a).all(1)
+    if man == "st":
+        a = _tmm(x, g, small)
+        return a, _finite(a).view(n, -1).all(1)
+    return None, _finite(g).view(n, -1).all(1)
+
+
+def _retract_transport(man, x, v, h, q, qc, ok, okf, job: _Job, hy: _Hyper) -> None:
+    """Components of one manifold after the move (``x`` = ω + ξ): back onto the manifold, and
+    the momentum ``v`` (None: none) transported there. ``q`` and, on ob, ``qc``: ‖u‖² of each
+    component and of each column; ``h`` the step sizes; ``ok``/``okf``: the masks (or None)."""
+    n, b, small = x.shape[0], x.shape[2], job.small
     if man == "sp":
         inv = _dot(x, x).rsqrt_()
         if ok is not None:
             inv = torch.where(ok, inv, 1.0)
         x.mul_(inv.view(n, 1, 1))
-        if transport:  # v ← v − ⟨ω', v⟩ω'; for u = v: ⟨ω', v⟩ = −h‖v‖²/‖ω+ξ‖
+        if v is not None:  # v ← v − ⟨ω', v⟩ω'; for u = v: ⟨ω', v⟩ = −h‖v‖²/‖ω+ξ‖
             t = -_dot(x, v) if hy.nesterov else h * q * inv
             if ok is not None and hy.nesterov:
                 t = t * okf
@@ -1120,18 +1165,18 @@ def _update(job: _Job, x: Tensor, g: Tensor, v: Tensor | None, s: Tensor, first,
         if ok is not None:
             inv = torch.where(ok.view(n, 1), inv, 1.0)
         x.mul_(inv.view(n, 1, b))
-        if transport:
+        if v is not None:
             t = -_coldot(x, v, small) if hy.nesterov else h.view(n, 1) * qc * inv
             if ok is not None and hy.nesterov:
                 t = t * okf.view(n, 1)
             v.addcmul_(x, t.view(n, 1, b))
-    else:  # st
+    elif man == "st":
         if job.cuda:
             twice = True  # no host sync
         else:  # small components: by the step's size; blocks: by the Gram matrix (None)
             twice = bool(((h * h) * q).max() > _RESTEP) if small else None
         _chol_qr_(x, ok, small, twice)
-        if transport:
+        if v is not None:
             c = _sym(_tmm(x, v, small))
             if ok is not None:
                 c.mul_(okf.view(n, 1, 1))

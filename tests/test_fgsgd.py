@@ -145,8 +145,9 @@ def _steps_match_reference(model, opt, lr, mu, damp=0.0, wd=0.0, nest=False, max
 @pytest.mark.parametrize("batched", [False, True], ids=["chunked", "batched"])
 def test_blocks_of_both_broadcasts_of_r_step_together(batched):
     """(8, 4) blocks of a (16, 8) weight keep R along their columns, the transposed-stored (4, 8)
-    blocks of an (8, 16) weight along their rows; batched mode (CUDA) steps both in one job,
-    scaling the gradient segment by segment, with the reference's result."""
+    blocks of an (8, 16) weight along their rows; batched mode (CUDA) steps both, and the
+    blocks of every manifold, in one job (the gradient scaled segment by segment, the
+    manifolds' own pieces range by range), with the reference's result."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(8, 16, 1), nn.ReLU(), nn.Conv2d(16, 8, 1)).double()
     model = pomfx.convert(net, scheme="pio", manifolds="sp+ob+st", include=[nn.Conv2d])
@@ -157,6 +158,7 @@ def test_blocks_of_both_broadcasts_of_r_step_together(batched):
     _steps_match_reference(model, opt, 0.05, 0.9)
     jobs = [j for plan in opt._plans.values() for j in plan]
     assert any(getattr(j, "prescale", False) for j in jobs) == batched
+    assert any(len(getattr(j, "parts", ())) == 3 for j in jobs) == batched
 
 
 def test_first_order_sphere_step():
