@@ -63,7 +63,9 @@ into chunks of about ``chunk`` elements so that its passes run in cache, tempora
 persistent workspaces (fresh large allocations page-fault on every step), and a non-finite
 check costs one reduction; on CUDA ("batched" mode) all kernel layers of a shape form one job,
 run in one chunk with the same elementwise ops (batched matmuls and cuSOLVER's batched Cholesky
-on 3×3 matrices measured 20× slower on an H100), and nothing syncs with the host.
+on 3×3 matrices measured 20× slower on an H100), all blocks of a shape another (the manifolds'
+own pieces range by range), and nothing syncs with the host: the step is bound by the launches
+it issues there (``benchmarks/launch_count.py`` counts them on any machine).
 """
 
 from __future__ import annotations
@@ -317,7 +319,8 @@ def _plan(params: list[ComponentParameter], chunk: int, batched: bool | None) ->
     """The jobs of one step. Chunked (CPU): one :class:`_KernelJob` per kernel layer, cut into
     chunks of ~``chunk`` elements; block buckets cut at group boundaries into such chunks, small
     ones merged by kind (manifold, shape, dtype, device) into :class:`_Job` s. Batched (CUDA):
-    fewest kernel launches: one job for all kernel layers of a shape, one per kind of block."""
+    fewest kernel launches: one job for all kernel layers of a shape, one for all blocks of a
+    shape (every manifold, both broadcasts of R; segments ordered by manifold)."""
     kinds: dict = {}
     kernels: dict = {}
     jobs: list = []
