@@ -88,6 +88,7 @@ _NONFINITE = ("skip", "raise")
 _TYPE_CODE = {"sp": 0, "ob": 1, "st": 2, "euc": 3}  # as in pomfx.parametrization
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _CHUNK = 1 << 18  # elements per CPU job: x, grad, momentum and temporaries stay in cache
+_BATCH = 1 << 26  # elements per batched (CUDA) job at most: its copies and temporaries, ~8 × 256 MB
 _SMALL_ROWS, _SMALL_COLS = 16, 8  # components up to this size use elementwise small-matrix ops
 _RESTEP = 0.25  # ‖ξ_c‖² above which the Stiefel Cholesky-QR is done twice
 
@@ -352,20 +353,27 @@ def _plan(params: list[ComponentParameter], chunk: int, batched: bool | None) ->
     shared = _Workspace()
     for ps in kernels.values():
         cuda = ps[0].device.type != "cpu" if batched is None else batched
-        jobs.append(_KernelJob(ps, chunk, cuda, shared))
+        for layers in _packs(ps, [p.numel() for p in ps], _BATCH):
+            jobs.append(_KernelJob(layers, chunk, cuda, shared))
     for kind, segs in kinds.items():
         cuda = kind[3]
         segs.sort(key=lambda seg: _TYPE_CODE[seg.b.manifold])  # each manifold's components together
-        cur, size = [], 0
-        for seg in segs:
-            if cur and not cuda and size + seg.numel > chunk:
-                jobs.append(_Job(kind, cur))
-                cur, size = [], 0
-            cur.append(seg)
-            size += seg.numel
-        if cur:
-            jobs.append(_Job(kind, cur))
+        for pack in _packs(segs, [seg.numel for seg in segs], _BATCH if cuda else chunk):
+            jobs.append(_Job(kind, pack))
     return jobs
+
+
+def _packs(items: list, sizes: list[int], limit: int) -> list[list]:
+    """``items`` cut, in order, into runs of at most ``limit`` elements (an item larger than
+    that alone)."""
+    packs, cur, total = [], [], 0
+    for item, size in zip(items, sizes):
+        if cur and total + size > limit:
+            packs.append(cur)
+            cur, total = [], 0
+        cur.append(item)
+        total += size
+    return packs + [cur] if cur else packs
 
 
 class _Segment:

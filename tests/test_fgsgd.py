@@ -348,6 +348,27 @@ def test_nonfinite_gradient_skips_its_group_only(bad, batched):
     assert max(pomfx.constraint_error(model).values()) < 1e-5
 
 
+def test_batched_jobs_stay_under_their_size_cap(monkeypatch):
+    """Batched mode (CUDA) steps all layers of a shape together, but never more than
+    ``_BATCH`` elements in one job (its copies and temporaries must fit on the device);
+    cut into many jobs, the step is the reference's."""
+    from pomfx import optim
+
+    model = small_net("sp+ob+st+euc", dtype=torch.float64)
+    constrained = [p for p in model.parameters() if isinstance(p, ComponentParameter)]
+    uncapped = len(optim._plan(constrained, optim._CHUNK, True))
+    monkeypatch.setattr(optim, "_BATCH", 100)
+    opt = pomfx.FGSGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-2)
+    opt._batched = True
+    _steps_match_reference(model, opt, 0.05, 0.9, wd=1e-2)
+    (plan,) = opt._plans.values()
+    for job in plan:
+        is_block = isinstance(job, optim._Job)
+        sizes = [s.numel for s in job.segs] if is_block else [p.numel() for p in job.params]
+        assert sum(sizes) <= 100 or len(sizes) == 1, sizes
+    assert len(plan) > uncapped
+
+
 class _HostSyncs(TorchDispatchMode):
     """Counts the aten ops that make a CUDA program wait for the device (``.item()``, ``bool()``,
     ``nonzero``...), whatever the device the ops run on."""
