@@ -480,16 +480,15 @@ class _Job(_GroupNorms):
         list of the segments' own with ``prescale``. Cached until a layer's scales change."""
         key = tuple(s.p.pom._scale_key() for s in self.segs)
         if key != self._scale_key:
-            parts = [s.p.pom.lr_scale()[s.bi][s.c0 : s.c1] for s in self.segs]
-            self._scale = parts if self.prescale else parts[0] if len(parts) == 1 else torch.cat(parts)
+            own = [s.p.pom.lr_scale()[s.bi][s.c0 : s.c1] for s in self.segs]
+            self._scale = own if self.prescale else own[0] if len(own) == 1 else torch.cat(own)
             self._scale_key = key
         return self._scale
 
     def _scaled_grad(self, gs: list[Tensor], like: Tensor) -> Tensor:
         """``s ⊙ g`` of the job, segment by segment into one (n, A, B) tensor (``prescale``)."""
         out = like.new_empty(like.shape)
-        parts = out.view(-1).split([t.numel() for t in gs])
-        for g, s, o in zip(gs, self.scales(), parts):
+        for g, s, o in zip(gs, self.scales(), out.view(-1).split([t.numel() for t in gs])):
             torch.mul(g.view(-1, self.rows, self.cols), s, out=o.view(-1, self.rows, self.cols))
         return out
 
