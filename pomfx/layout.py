@@ -41,7 +41,7 @@ import numpy as np
 
 from . import manifolds as _m
 
-__all__ = ["SCHEMES", "Bucket", "Layout", "build_layout", "parse_manifolds", "check_group_size"]
+__all__ = ["SCHEMES", "BlockMap", "Bucket", "Layout", "build_layout", "parse_manifolds", "check_group_size"]
 
 SCHEMES = ("pi", "po", "pio")
 _I64 = np.int64
@@ -101,6 +101,23 @@ class Bucket:
         return self.count * self.rows * self.cols
 
 
+@dataclass(frozen=True)
+class BlockMap:
+    """A block layout's element map, row by row. Row ``t`` of the weight's rows in shuffled order
+    (conv group ``g = t // rows per group``) starts at flat weight position ``row_term[t]``; its
+    element in column ``c`` sits in storage at ``base[t, j] + (k − bounds[j])·stride[t, j]``, with
+    ``k = col_pos[g, c]`` the column's shuffled position and ``j`` the chunk holding k. A block's
+    row is one run of storage (stride 1 when the block is stored with the weight's rows as its
+    rows, else the block's row count), and a block's rows are adjacent in ``t``: a pass over t
+    touches every weight row once, whole, and storage in runs or in tiles of adjacent rows."""
+
+    row_term: np.ndarray  # (G·NR,) flat weight position of each row's first element
+    col_pos: np.ndarray  # (G, NC) shuffled position of each column
+    bounds: np.ndarray  # (n_chunks + 1,) column chunk boundaries, in shuffled positions
+    base: np.ndarray  # (G·NR, n_chunks) storage position of each row's run in each chunk
+    stride: np.ndarray  # (G·NR, n_chunks) storage step along the run
+
+
 @dataclass
 class Layout:
     """Where each stored component element lives in the weight, and what it is constrained to.
@@ -131,6 +148,9 @@ class Layout:
     # block, shaped (count, A, 1) when a block's rows are its input channels, else (count, 1, B):
     # R is constant along a block's output channels, so this reads R of every element as a broadcast
     scale_probes: tuple[np.ndarray, ...] | None = field(default=None, repr=False)
+    # blocks: the element map W ↔ storage by rows of the weight, a few numbers per row
+    # (:class:`BlockMap`) instead of a random access per element
+    block_map: BlockMap | None = field(default=None, repr=False)
     _summary: dict | None = field(default=None, init=False, repr=False, compare=False)
     _checksum: int | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -247,7 +267,9 @@ def _ranges(starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     return shift + np.arange(total, dtype=_I64)
 
 
-def _finish(shape, kernel, transpose, buckets, inverse, dims, transposed, options, gtabs=None, probes=None):
+def _finish(
+    shape, kernel, transpose, buckets, inverse, dims, transposed, options, gtabs=None, probes=None, bmap=None
+):
     """Completes a Layout: ``inverse`` and the probes in the compact index dtype."""
     small = _index_dtype(len(inverse), shape)
     return Layout(
@@ -261,6 +283,7 @@ def _finish(shape, kernel, transpose, buckets, inverse, dims, transposed, option
         options=options,
         gamma_tables=gtabs,
         scale_probes=None if probes is None else tuple(np.ascontiguousarray(p, dtype=small) for p in probes),
+        block_map=bmap,
     )
 
 
@@ -405,6 +428,11 @@ def _block_layout(rng, shape, dims, scheme, types, group_size, transposed, optio
     # buckets: by manifold, then by block shape (o, i); blocks in id order inside a bucket.
     # Per block: its elements' weight positions, γ, and R's probes.
     o_sizes, i_sizes = sorted(set(oc.tolist())), sorted(set(ic.tolist()))
+    # the row map: a weight row is an output channel (conv) or an input channel (ConvTranspose)
+    n_rows = c_per if transposed else d_per
+    rchunk_start, cchunk = (i_start, oc) if transposed else (o_start, ic)
+    base = np.empty((gc * n_rows, len(cchunk)), dtype=small)
+    stride = np.empty((gc * n_rows, len(cchunk)), dtype=np.int32)
     shapes = sorted((o, i) for o in o_sizes for i in i_sizes)
     inverse = np.empty(n, dtype=small)
     gtab = np.empty((gc, n_oc, n_ic), dtype=np.float32)
@@ -430,6 +458,14 @@ def _block_layout(rng, shape, dims, scheme, types, group_size, transposed, optio
                 a, b = os_, is_
                 np.add(rows[:, :, None], cols[:, None, :], out=out.reshape(nb, a, b))
                 probes.append(rows[:, :1, None] + cols[:, None, :])
+            # block row r (weight row rchunk_start + r): a run of storage, along the block's rows
+            # when they are the weight's rows (then stride 1), along its columns otherwise
+            rc, cc, nr, nc = (i, o, is_, os_) if transposed else (o, i, os_, is_)
+            rows_are_rows = (is_ >= os_) == transposed
+            t_of = g[:, None] * n_rows + rchunk_start[rc, None] + np.arange(nr)  # (nb, nr)
+            first = offset + np.arange(nb, dtype=_I64)[:, None] * size
+            base[t_of, cc[:, None]] = first + np.arange(nr) * (nc if rows_are_rows else 1)
+            stride[t_of, cc[:, None]] = 1 if rows_are_rows else nr
             gtab[g, o, i] = _m.get(mname).gamma(b)
             buckets.append(Bucket(mname, a, b, nb, offset, (1,) * nb))
             offset += nb * size
@@ -443,4 +479,10 @@ def _block_layout(rng, shape, dims, scheme, types, group_size, transposed, optio
     oid = np.repeat(np.arange(n_oc), oc)[pos_out]  # (gc, d_per): out chunk of d
     iid = np.repeat(np.arange(n_ic), ic)[pos_in]  # (gc, c_per)
     gtabs = (gtab, oid.astype(np.int32), iid.astype(np.int32))
-    return _finish(shape, False, False, buckets, inverse, dims, transposed, options, gtabs, probes)
+    row_term, col_term = (cterm, dterm) if transposed else (dterm, cterm)  # col_term: a permutation
+    col_pos = np.empty(col_term.shape, dtype=np.int32)
+    positions = np.arange(col_term.shape[1], dtype=np.int32)[None, :]
+    np.put_along_axis(col_pos, col_term.astype(_I64), positions, 1)
+    bounds = np.concatenate([[0], np.cumsum(cchunk)]).astype(_I64)
+    bmap = BlockMap(np.ascontiguousarray(row_term).reshape(-1), col_pos, bounds, base, stride)
+    return _finish(shape, False, False, buckets, inverse, dims, transposed, options, gtabs, probes, bmap)

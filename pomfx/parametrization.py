@@ -146,6 +146,9 @@ class _ScaleKernels(torch.autograd.Function):
         gx = g.permute(2, 1, 0) if transpose else g.permute(1, 2, 0)  # (A, B, N)
         if torch.compiler.is_compiling():
             return (gx * s.view(1, 1, n)).reshape(-1), None, None, None, None
+        if _fusable(g, a, b) and not torch.is_grad_enabled():  # (create_graph: the torch ops)
+            gw = fused.scale_to_storage(g.reshape(n, a * b).contiguous(), s.view(n), a, b, transpose)
+            return gw.view(-1), None, None, None, None
         out = g.new_empty(a, b, n)
         torch.mul(gx, s.view(1, 1, n), out=out)
         return out.view(-1), None, None, None, None
@@ -153,23 +156,26 @@ class _ScaleKernels(torch.autograd.Function):
 
 class _ScatterScale(torch.autograd.Function):
     """Block layouts: ``W[inverse] = stored``, then ``W ⊙= R`` (an element scatter: a permutation);
-    the backward is the gather ``(R ⊙ ∇W)[inverse]``. Only ``inverse`` and R are read, both kept
-    by the POM anyway: nothing per element is saved for the backward."""
+    the backward is the gather ``(R ⊙ ∇W)[inverse]``. On a CPU both run row by row through the
+    layout's :class:`~pomfx.layout.BlockMap`. Only the maps and R are read, both kept by the POM
+    anyway: nothing per element is saved for the backward."""
 
     @staticmethod
-    def forward(ctx, omega: Tensor, inverse: Tensor, scale: Tensor):
+    def forward(ctx, omega: Tensor, inverse: Tensor, scale: Tensor, bmap):
         ctx.save_for_backward(inverse, scale)
-        if _fused_map(omega) and omega.is_contiguous():
-            return fused.scatter_scaled(omega, inverse, scale.reshape(-1))
+        ctx.bmap = bmap  # None under torch.compile: the torch ops are traced
+        if bmap is not None and _fused_map(omega) and omega.is_contiguous():
+            return fused.block_map(omega, bmap, scale.reshape(-1), "weight")
         w = omega.new_empty(omega.shape).index_put_((inverse,), omega)
         return w.mul_(scale.view(-1))
 
     @staticmethod
     def backward(ctx, g: Tensor):
         inverse, scale = ctx.saved_tensors
-        if _fused_map(g) and not torch.is_grad_enabled():  # (create_graph: the torch ops, differentiable)
-            return fused.gather_scaled(g.reshape(-1).contiguous(), inverse, scale.reshape(-1)), None, None
-        return (g.reshape(-1) * scale.view(-1)).index_select(0, inverse), None, None
+        if ctx.bmap is not None and _fused_map(g) and not torch.is_grad_enabled():  # (create_graph: torch)
+            gw = fused.block_map(g.reshape(-1).contiguous(), ctx.bmap, scale.reshape(-1), "storage")
+            return gw, None, None, None
+        return (g.reshape(-1) * scale.view(-1)).index_select(0, inverse), None, None, None
 
 
 _TYPE_CODE = {"sp": 0, "ob": 1, "st": 2, "euc": 3}
@@ -197,7 +203,6 @@ class POM(nn.Module):
         self.layout = layout
         self.renorm = renorm
         p, q = layout.weight_shape[:2]
-        self._cache: dict = {}
         ngroups = [len(b.group_sizes) for b in layout.buckets]
         sizes = np.concatenate([np.asarray(b.group_sizes, dtype=np.int32) for b in layout.buckets])
         gid = np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)  # storage order, unique per layer
@@ -223,6 +228,20 @@ class POM(nn.Module):
         # R = κγ (λ̂ = 1), or γ until calibrated; 1 without renormalization
         scale = _gamma_times(layout, float(self.kappa)) if renorm else torch.ones(p, q)
         self.register_buffer("scale", scale)
+        self._reset_cache()
+
+    def _reset_cache(self) -> None:
+        """Forget what was derived from the buffers. A block layout's forward reads ``inverse``: it
+        is made again at once, so that a compiled forward finds it (made inside the graph, it would
+        change the cache and the next call would recompile)."""
+        self._cache = {}
+        if not self.layout.kernel:
+            self.inverse  # noqa: B018 (made on the scales' device)
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._reset_cache()
+        return out
 
     # -- the layout's arrays, as tensors on the scales' device --------------------------------
     @property
@@ -264,7 +283,8 @@ class POM(nn.Module):
             w = _ScaleKernels.apply(omega, self.scale, a, b, lay.transpose)
         else:
             scale = self.scale if self.scale.dtype == omega.dtype else self.scale.to(omega.dtype)
-            w = _ScatterScale.apply(omega, self.inverse, scale)
+            bmap = lay.block_map if _fused_map(omega) else None
+            w = _ScatterScale.apply(omega, self.inverse, scale, bmap)
         return w.reshape(lay.weight_shape)
 
     def right_inverse(self, weight: Tensor) -> Tensor:
@@ -282,9 +302,8 @@ class POM(nn.Module):
             return fused.project(w, s, self.comp_type, *self._shape, lay.transpose).view(-1)
         if not lay.kernel and _fused_map(weight):  # W / R gathered into storage order, one pass
             s = self.scale.reshape(-1).to(weight.dtype)
-            stored = fused.gather_scaled(
-                weight.detach().reshape(-1).contiguous(), self.inverse, s, divide=True
-            )
+            w = weight.detach().reshape(-1).contiguous()
+            stored = fused.block_map(w, lay.block_map, s, "storage_div")
             return self._project_buckets(stored)
         scaled = weight.detach().reshape(p, q, -1) / self.scale.to(weight.dtype).unsqueeze(-1)
         if lay.kernel:  # components as rows (N, A, B), projected bucket by bucket, then (A, B, N)
@@ -431,12 +450,16 @@ class POM(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        self._cache = {}
+        self._reset_cache()
 
     def __getstate__(self):
         state = super().__getstate__()
         state["_cache"] = {}
         return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._reset_cache()
 
     def extra_repr(self) -> str:
         kinds = {}

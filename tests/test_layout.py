@@ -131,7 +131,21 @@ def test_every_element_appears_exactly_once(shape, groups, transposed, scheme, g
         for m, blk in blocks(lay):
             want[blk.reshape(-1)] = M.get(m).gamma(blk.shape[1])
             check_product_block(lay, blk, groups, transposed)
+        check_block_map(lay)
     assert np.array_equal(lay.gamma.reshape(-1), want)
+
+
+def check_block_map(lay):
+    """The row-by-row map (pomfx.layout.BlockMap) puts every weight element where ``index`` says."""
+    bm = lay.block_map
+    gc, n_cols = bm.col_pos.shape
+    t = np.arange(len(bm.row_term))
+    k = bm.col_pos[t // (len(t) // gc)]  # (rows, columns): shuffled position of each column
+    j = np.searchsorted(bm.bounds, k, side="right") - 1
+    pos = bm.row_term[:, None] + np.arange(n_cols)
+    stored = bm.base[t[:, None], j] + (k - bm.bounds[j]) * bm.stride[t[:, None], j]
+    assert np.array_equal(np.sort(pos.reshape(-1)), np.arange(len(lay.inverse)))  # each element once
+    assert np.array_equal(lay.index[pos], stored)
 
 
 # -- K > 1: schemes --------------------------------------------------------------------------

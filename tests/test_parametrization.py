@@ -349,3 +349,37 @@ def test_fused_maps_equal_the_torch_ops(shape, dtype):
         )  # at most the NaN kernel stays NaN (on st, as in torch)
     else:
         assert pom.constraint_error(omega) < 10 * tol
+
+
+@pytest.mark.skipif(
+    not pomfx.fused.enabled(), reason="the fused kernels are off here (POMFX_FUSED=0 or no numba)"
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "shape,kw",
+    [
+        ((40, 24), {}),  # blocks stored with the weight's rows as rows
+        ((24, 40), {}),  # stored transposed: 8-row tiles
+        ((37, 70, 1, 1), {"group_size": 9}),  # unequal chunks, a partial tile
+        ((70, 37), {"scheme": "po", "group_size": 20}),
+        ((33, 50), {"scheme": "pi"}),
+        ((36, 20, 1, 1), {"conv_groups": 3}),
+        ((20, 18, 1, 1), {"conv_groups": 2, "transposed": True}),  # rows are input channels
+        ((9, 200), {}),
+    ],
+    ids=str,
+)
+def test_block_maps_equal_the_permutation(shape, kw, dtype):
+    """The row-by-row CPU kernels of a block layer (pomfx.fused.block_map: its forward W = R ⊙ ω,
+    the backward R ⊙ ∇W and ω's W / R, in tiles and runs) equal the permutation through
+    ``inverse`` bit for bit, for every scheme, conv groups, ConvTranspose and uneven chunks."""
+    torch.manual_seed(4)
+    lay = pomfx.layout.build_layout("lin", shape, **kw)
+    pom = pomfx.parametrization.POM(lay).to(dtype)
+    pom.calibrate(torch.randn(shape, dtype=dtype))
+    s, inv = pom.scale.reshape(-1), pom.inverse.long()
+    x = torch.randn(s.numel(), dtype=dtype)
+    want = x.new_empty(x.shape).index_put_((inv,), x) * s
+    assert torch.equal(pomfx.fused.block_map(x, lay.block_map, s, "weight"), want)
+    assert torch.equal(pomfx.fused.block_map(x, lay.block_map, s, "storage"), (x * s)[inv])
+    assert torch.equal(pomfx.fused.block_map(x, lay.block_map, s, "storage_div"), (x / s)[inv])
