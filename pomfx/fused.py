@@ -67,7 +67,6 @@ __all__ = [
     "phase_a",
     "phase_b",
     "project",
-    "scale_to_storage",
     "scale_to_weight",
     "step_size",
 ]
@@ -203,15 +202,17 @@ def _cache_dir() -> Path:
     return Path(root) / f"fused-{_VERSION}-numba{numba.__version__}"
 
 
-def _source_w(a: int, b: int, transpose: bool, back: bool = False) -> str:
+def _source_w(a: int, b: int, transpose: bool) -> str:
     """W[n] = s[n]·ω[:, :, n] (transposed for wide kernels) into W (N, A·B): ω's structure-of-arrays
-    storage to the weight in one pass; with ``back`` the other way, ∇ω[:, :, n] = s[n]·∇W[n]."""
+    storage to the weight in one pass. (The backward's map the other way stays a torch multiply:
+    the same loop run the other way, inside autograd's backward, was slower in session 2 and no
+    faster in session 7, paired over whole training steps.)"""
     ind = " " * 8
     body = ["sc = s[c]"]
     for i in range(a):
         for j in range(b):
             k = j * a + i if transpose else i * b + j
-            body.append(f"X[{i}, {j}, c] = sc * W[c, {k}]" if back else f"W[c, {k}] = sc * X[{i}, {j}, c]")
+            body.append(f"W[c, {k}] = sc * X[{i}, {j}, c]")
     head = "def kernel(X, W, s):\n    for c in prange(X.shape[2]):\n"
     return head + "\n".join(ind + t for t in body) + "\n"
 
@@ -325,18 +326,6 @@ def step_size(q, gid, norm_g, types, lr: float, radius: float, qg, h) -> float:
     x = _np(q)
     fn = _compiled(("h", x.dtype.str), lambda: _STEP_SIZE, x.dtype, parallel=False)
     return float(fn(x, _np(gid), _np(norm_g), _np(types), float(lr), float(radius), _np(qg), _np(h)))
-
-
-def scale_to_storage(G, s, a: int, b: int, transpose: bool) -> torch.Tensor:
-    """``∇ω (A, B, N)`` with ``∇ω[:, :, n] = s[n]·∇W[n]`` from ``G`` (N, A·B): the backward of
-    :func:`scale_to_weight`."""
-    n = G.shape[0]
-    g = _np(G)
-    key = ("wb", a, b, transpose, g.dtype.str)
-    fn = _compiled(key, lambda: _source_w(a, b, transpose, back=True), g.dtype)
-    out = G.new_empty(a, b, n)
-    _run(fn, _np(out), g, _np(s))
-    return out
 
 
 def scale_to_weight(X, s, transpose: bool) -> torch.Tensor:

@@ -146,9 +146,6 @@ class _ScaleKernels(torch.autograd.Function):
         gx = g.permute(2, 1, 0) if transpose else g.permute(1, 2, 0)  # (A, B, N)
         if torch.compiler.is_compiling():
             return (gx * s.view(1, 1, n)).reshape(-1), None, None, None, None
-        if _fusable(g, a, b) and not torch.is_grad_enabled():  # (create_graph: the torch ops)
-            gw = fused.scale_to_storage(g.reshape(n, a * b).contiguous(), s.view(n), a, b, transpose)
-            return gw.view(-1), None, None, None, None
         out = g.new_empty(a, b, n)
         torch.mul(gx, s.view(1, 1, n), out=out)
         return out.view(-1), None, None, None, None
