@@ -124,7 +124,8 @@ class Layout:
 
     ``inverse`` maps storage to the weight: storage unit u is unit ``inverse[u]`` of
     ``W.view(P*Q, unit)``, with ``unit = K`` for kernels and 1 for blocks. It is the one array a
-    layout keeps (int32; int64 from 2³¹ units on): a block layout holds it per weight element.
+    layout keeps per unit (int32; int64 from 2³¹ units on): a block layout holds it per weight
+    element, and besides it a few numbers per weight row and channel (``block_map``).
     Everything else per unit is computed when asked for, so that it costs no memory in training
     (the zoo's largest models, 645 M weights, ran out of memory while a layout also kept these):
     ``index`` (its inverse permutation, ``W.view(P*Q, unit) = stored.view(-1, unit)[index]``),
