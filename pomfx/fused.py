@@ -23,7 +23,7 @@ order (see :mod:`pomfx.optim`):
 The same machinery serves the parametrization's maps on a CPU: :func:`project` (ω of a kernel
 layer from its weight: divide by R, project every component, store the structure of arrays, in
 one pass), :func:`scale_to_weight` (its forward), and for block layers the element map scaled
-by R both ways (:func:`block_map`, row by row: 4-10× faster than the element permutation
+by R both ways (:func:`block_map`, row by row: 3-4× faster than the element permutation
 through ``index_put_``/``index_select``); and for the λ statistics of
 :mod:`pomfx.renorm`, :func:`fold_channel_var` (one read of the layer's input instead of four
 passes of torch reductions); and FG-SGD's jobs of small blocks (1×1 convs, small Linears),
@@ -502,7 +502,7 @@ def project(
 # read or written once, whole and in order, through a small buffer in the row's storage order;
 # storage is copied in runs (blocks stored with the weight's rows as rows) or as 8-row tiles of
 # contiguous columns (blocks stored transposed). The element permutation ``inverse`` put nearly
-# every access on another cache line: 3-10× slower.
+# every access on another cache line: 3-4× slower (benchmarks/map_cost.py).
 _BLOCK_MAP = """
 T = 8
 
