@@ -1,6 +1,7 @@
 """Cost of the parametrization's maps on a CPU: ``W = R ⊙ ω`` of every converted layer (the
 forward) and ``∇ω = R ⊙ ∇W`` (its backward), pomfx's numba kernels against the torch ops that
-CUDA and ``POMFX_FUSED=0`` use, interleaved round by round in one process.
+CUDA and ``POMFX_FUSED=0`` use, interleaved round by round in one process. (A kernel layer's
+backward is the torch multiply in both columns; its forward and the block layers' maps are not.)
 
     python benchmarks/map_cost.py                      # resnet50: 36 block layers, 17 kernel layers
     python benchmarks/map_cost.py --arch resnet18

@@ -161,7 +161,7 @@ class _ScatterScale(torch.autograd.Function):
     def forward(ctx, omega: Tensor, inverse: Tensor, scale: Tensor, bmap):
         ctx.save_for_backward(inverse, scale)
         ctx.bmap = bmap  # None under torch.compile: the torch ops are traced
-        if bmap is not None and _fused_map(omega) and omega.is_contiguous():
+        if bmap is not None and omega.is_contiguous():
             return fused.block_map(omega, bmap, scale.reshape(-1), "weight")
         w = omega.new_empty(omega.shape).index_put_((inverse,), omega)
         return w.mul_(scale.view(-1))
@@ -280,7 +280,7 @@ class POM(nn.Module):
             w = _ScaleKernels.apply(omega, self.scale, a, b, lay.transpose)
         else:
             scale = self.scale if self.scale.dtype == omega.dtype else self.scale.to(omega.dtype)
-            bmap = lay.block_map if _fused_map(omega) else None
+            bmap = lay.block_map if _fused_map(omega) else None  # (None in layouts pickled before it)
             w = _ScatterScale.apply(omega, self.inverse, scale, bmap)
         return w.reshape(lay.weight_shape)
 
@@ -297,7 +297,7 @@ class POM(nn.Module):
             s = self.scale.reshape(-1).to(weight.dtype)
             w = weight.detach().reshape(p * q, -1).contiguous()
             return fused.project(w, s, self.comp_type, *self._shape, lay.transpose).view(-1)
-        if not lay.kernel and _fused_map(weight):  # W / R gathered into storage order, one pass
+        if lay.block_map is not None and _fused_map(weight):  # W / R into storage order, one pass
             s = self.scale.reshape(-1).to(weight.dtype)
             w = weight.detach().reshape(-1).contiguous()
             stored = fused.block_map(w, lay.block_map, s, "storage_div")
