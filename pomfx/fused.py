@@ -18,7 +18,10 @@ order (see :mod:`pomfx.optim`):
   norms on ob, the Frobenius norm on sp, I on euc (once, or twice); then the momentum's transport
   ``V ← s − ω·C(ωᵀs)`` of ``s`` (V itself, or U after mode 3). Components whose group is not
   ``ok`` are left exactly as they were;
-- between them, :func:`step_size`: the group sums of q and each component's step size h.
+- between them, :func:`step_size`: the group sums of q and each component's step size h;
+- usually neither: when a per-component bound on ‖u_c‖ (:func:`within`, a pass over G and V)
+  shows that no group's step size is capped, every component steps by lr and both phases run
+  as one pass (:func:`one_pass`), u kept in registers: half the memory traffic, no group sums.
 
 The same machinery serves the parametrization's maps on a CPU: :func:`project` (ω of a kernel
 layer from its weight: divide by R, project every component, store the structure of arrays, in
@@ -64,14 +67,16 @@ __all__ = [
     "block_step",
     "enabled",
     "fold_channel_var",
+    "one_pass",
     "phase_a",
     "phase_b",
     "project",
     "scale_to_weight",
     "step_size",
+    "within",
 ]
 
-_VERSION = 6  # of the generated source: bump when the generators change
+_VERSION = 7  # of the generated source: bump when the generators change
 MAX_ELEMENTS = 16  # A·B up to which the unrolled kernels are used (3×3, 1×3, 3×1, 2×2, 1×5, ...)
 _CACHE: dict = {}
 
@@ -118,42 +123,31 @@ def _remove_normal(a: int, b: int, x: str, y: str) -> list[str]:
     return out
 
 
-def _source_a(a: int, b: int, mode: int) -> str:
-    ind = " " * 8
-    body = _masks()
-    body += [f"x{i}_{j} = X[{i}, {j}, c]" for i in range(a) for j in range(b)]
-    body += [f"d{i}_{j} = cg[c] * G[{i}, {j}, c]" for i in range(a) for j in range(b)]
+def _direction(a: int, b: int, mode: int) -> list[str]:
+    """Statements: the step direction ``u{i}_{j}`` and ``qq = ‖u‖²`` of component c from its
+    loaded ``x{i}_{j}`` and G, V at c (V written in modes 1 and 2; see :func:`phase_a`)."""
+    body = [f"d{i}_{j} = cg[c] * G[{i}, {j}, c]" for i in range(a) for j in range(b)]
     body += _remove_normal(a, b, "x", "d")
-    body.append("w = meuc * wd[c]")
-    body.append("qq = zero")
+    body += ["w = meuc * wd[c]", "qq = zero"]
     for i in range(a):
         for j in range(b):
+            u = f"u{i}_{j}"
             body.append(f"dd = d{i}_{j} + w * x{i}_{j}")
             if mode == 0:
-                body += ["u = dd", f"U[{i}, {j}, c] = u"]
-            elif mode == 1:
-                body += [f"u = mu_eff[c] * V[{i}, {j}, c] + dd", f"V[{i}, {j}, c] = u"]
-            elif mode == 3:  # heavy ball into U: V is left as it was
-                body += [f"u = mu_eff[c] * V[{i}, {j}, c] + dd", f"U[{i}, {j}, c] = u"]
-            else:
-                body += [f"v = mu_eff[c] * V[{i}, {j}, c] + dd", f"V[{i}, {j}, c] = v"]
-                body += ["u = dd + mu * v", f"U[{i}, {j}, c] = u"]
-            body.append("qq += u * u")
-    body.append("q[c] = qq")
-    return (
-        "def kernel(X, G, V, U, cg, mu_eff, wd, types, mu, q):\n"
-        "    zero, one, half = F(0), F(1), F(0.5)\n"
-        "    mu = F(mu)\n"
-        "    for c in prange(X.shape[2]):\n" + "\n".join(ind + s for s in body) + "\n"
-    )
+                body.append(f"{u} = dd")
+            elif mode in (1, 3):  # heavy ball (mode 1 keeps it in V)
+                body.append(f"{u} = mu_eff[c] * V[{i}, {j}, c] + dd")
+                body += [f"V[{i}, {j}, c] = {u}"] if mode == 1 else []
+            else:  # Nesterov
+                body += [f"v = mu_eff[c] * V[{i}, {j}, c] + dd", f"V[{i}, {j}, c] = v", f"{u} = dd + mu * v"]
+            body.append(f"qq += {u} * {u}")
+    return body
 
 
-def _source_b(a: int, b: int, reps: int, transport: bool) -> str:
-    ind = " " * 8
-    body = _masks()
-    body.append("okc = ok[c] != 0")  # ok as int8: a bool array's loads stop LLVM vectorising
-    body += [f"o{i}_{j} = X[{i}, {j}, c]" for i in range(a) for j in range(b)]
-    body += [f"y{i}_{j} = o{i}_{j} - h[c] * U[{i}, {j}, c]" for i in range(a) for j in range(b)]
+def _retraction(a: int, b: int, reps: int) -> list[str]:
+    """Statements: ``y{i}_{j} ← y·R⁻¹``, ``reps`` times, with R the Cholesky factor of the Gram
+    matrix on st, the column norms on ob, the Frobenius norm on sp, I on euc."""
+    body = []
     for _ in range(reps):
         for k in range(b):
             for j in range(k, b):
@@ -174,19 +168,66 @@ def _source_b(a: int, b: int, reps: int, transport: bool) -> str:
             for i in range(a):
                 s = f"y{i}_{j}" + "".join(f" - y{i}_{k} * r{k}_{j}" for k in range(j))
                 body.append(f"y{i}_{j} = ({s}) / r{j}_{j}")
+    return body
+
+
+def _loop(signature: str, body: list[str], head: tuple[str, ...] = (), tail: tuple[str, ...] = ()) -> str:
+    """``def kernel(signature)``: one parallel loop over the components c with ``body``."""
+    ind = " " * 8
+    lines = [f"def kernel({signature}):", "    zero, one, half = F(0), F(1), F(0.5)"]
+    lines += ["    " + t for t in head] + ["    for c in prange(X.shape[2]):"]
+    return "\n".join(lines + [ind + t for t in body] + ["    " + t for t in tail]) + "\n"
+
+
+def _source_a(a: int, b: int, mode: int) -> str:
+    body = _masks() + [f"x{i}_{j} = X[{i}, {j}, c]" for i in range(a) for j in range(b)]
+    body += _direction(a, b, mode)
+    if mode != 1:  # the heavy ball's u is V itself
+        body += [f"U[{i}, {j}, c] = u{i}_{j}" for i in range(a) for j in range(b)]
+    body.append("q[c] = qq")
+    return _loop("X, G, V, U, cg, mu_eff, wd, types, mu, q", body, ("mu = F(mu)",))
+
+
+def _source_b(a: int, b: int, reps: int, transport: bool) -> str:
+    body = _masks()
+    body.append("okc = ok[c] != 0")  # ok as int8: a bool array's loads stop LLVM vectorising
+    body += [f"x{i}_{j} = X[{i}, {j}, c]" for i in range(a) for j in range(b)]
+    body += [f"y{i}_{j} = x{i}_{j} - h[c] * U[{i}, {j}, c]" for i in range(a) for j in range(b)]
+    body += _retraction(a, b, reps)
     # selects between values already loaded: no conditional memory access (the loop vectorises)
-    body += [f"X[{i}, {j}, c] = y{i}_{j} if okc else o{i}_{j}" for i in range(a) for j in range(b)]
+    body += [f"X[{i}, {j}, c] = y{i}_{j} if okc else x{i}_{j}" for i in range(a) for j in range(b)]
     if transport:
         body += [f"p{i}_{j} = S[{i}, {j}, c]" for i in range(a) for j in range(b)]
         body += [f"v{i}_{j} = p{i}_{j}" for i in range(a) for j in range(b)]
         body += _remove_normal(a, b, "y", "v")
         body += [f"V[{i}, {j}, c] = v{i}_{j} if okc else p{i}_{j}" for i in range(a) for j in range(b)]
-    return (
-        "def kernel(X, U, V, S, h, types, ok, tiny):\n"
-        "    zero, one, half = F(0), F(1), F(0.5)\n"
-        "    tiny = F(tiny)\n"
-        "    for c in prange(X.shape[2]):\n" + "\n".join(ind + s for s in body) + "\n"
-    )
+    return _loop("X, U, V, S, h, types, ok, tiny", body, ("tiny = F(tiny)",))
+
+
+def _source_one(a: int, b: int, momentum: bool) -> str:
+    """Phases A and B in one pass, u kept in registers: the step of :func:`one_pass`."""
+    body = _masks() + [f"x{i}_{j} = X[{i}, {j}, c]" for i in range(a) for j in range(b)]
+    body += _direction(a, b, 3 if momentum else 0)
+    body += [f"y{i}_{j} = x{i}_{j} - h * u{i}_{j}" for i in range(a) for j in range(b)]
+    body += _retraction(a, b, 1)
+    body += [f"X[{i}, {j}, c] = y{i}_{j}" for i in range(a) for j in range(b)]
+    if momentum:  # V ← u transported to the new point
+        body += [f"v{i}_{j} = u{i}_{j}" for i in range(a) for j in range(b)]
+        body += _remove_normal(a, b, "y", "v")
+        body += [f"V[{i}, {j}, c] = v{i}_{j}" for i in range(a) for j in range(b)]
+    return _loop("X, G, V, cg, mu_eff, wd, types, h, tiny", body, ("h, tiny = F(h), F(tiny)",))
+
+
+def _source_bound(a: int, b: int, momentum: bool, decay: bool) -> str:
+    """Counts the components whose bound on ‖u_c‖ (see :func:`within`) is above their limit."""
+    sq = lambda t: " + ".join(f"{t}[{i}, {j}, c] * {t}[{i}, {j}, c]" for i in range(a) for j in range(b))  # noqa: E731
+    e = "np.abs(cg[c]) * np.sqrt(" + sq("G") + ")"
+    if momentum:
+        e += " + mu_eff[c] * np.sqrt(" + sq("V") + ")"
+    if decay:  # the weight decay of euc components
+        e += " + (np.abs(wd[c]) if t == 3 else zero) * np.sqrt(" + sq("X") + ")"
+    body = ["t = types[c]", f"e = {e}", "bad += 0 if (np.isfinite(e) and e * e <= lim[t]) else 1"]
+    return _loop("X, G, V, cg, mu_eff, wd, types, lim", body, ("bad = 0",), ("return bad",))
 
 
 # fused multiply-adds and reciprocals; no reassociation (a component's result must not depend on
@@ -252,7 +293,7 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy()
 
 
-def _run(fn, *args) -> None:
+def _run(fn, *args):
     """``fn(*args)`` on as many numba threads as torch uses, torch's thread count unchanged.
 
     numba's OpenMP threading layer (its default where available) shares torch's OpenMP runtime:
@@ -262,9 +303,10 @@ def _run(fn, *args) -> None:
     The count is put back after each call."""
     n = torch.get_num_threads()
     numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
-    fn(*args)
+    out = fn(*args)
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
+    return out
 
 
 def phase_a(X, G, V, U, cg, mu_eff, wd, types, mode: int, mu: float, q) -> None:
@@ -289,6 +331,50 @@ def phase_b(X, U, V, h, types, ok, reps: int, transport: bool, S=None) -> None:
     src = v if S is None else _np(S)
     ok8 = _np(ok.view(torch.int8))
     _run(fn, x, _np(U), v, src, _np(h), _np(types), ok8, float(torch.finfo(X.dtype).tiny))
+
+
+def within(X, G, V, cg, mu_eff, wd, types, lim, decay: bool) -> bool:
+    """Whether every component c of a layer has ``e_c² ≤ lim[type_c]`` for the bound
+
+        e_c = |cg_c|·‖G_c‖ + μ_c·‖V_c‖ (+ |wd_c|·‖X_c‖ on euc with ``decay``) ≥ ‖u_c‖
+
+    of phase A's step direction u = μv + P_ω(cg·g) (+ wd·ω on euc): the tangent projection P_ω
+    is orthogonal, so it does not lengthen cg·g. All finite, too. One parallel pass reading G
+    and V (and X with ``decay``); V None: no momentum."""
+    a, b, _ = X.shape
+    x = _np(X)
+    momentum = V is not None
+    fn = _compiled(
+        ("c", a, b, momentum, decay, x.dtype.str), lambda: _source_bound(a, b, momentum, decay), x.dtype
+    )
+    return (
+        _run(fn, x, _np(G), _np(X if V is None else V), _np(cg), _np(mu_eff), _np(wd), _np(types), _np(lim))
+        == 0
+    )
+
+
+def one_pass(X, G, V, cg, mu_eff, wd, types, h: float) -> None:
+    """Phases A and B in one pass with one step size ``h`` for every component: u = μ_c·V + d
+    (d as in phase A; V None: u = d), ω ← (ω − h·u)·R⁻¹ (once), V ← u transported. Reads X, G
+    and V once and writes X and V: the cost of a plain SGD step's passes. The caller knows that
+    no group's step size is capped (:func:`within`), so this is the two-phase step exactly."""
+    a, b, _ = X.shape
+    x = _np(X)
+    momentum = V is not None
+    fn = _compiled(("o", a, b, momentum, x.dtype.str), lambda: _source_one(a, b, momentum), x.dtype)
+    v = _np(X if V is None else V)
+    _run(
+        fn,
+        x,
+        _np(G),
+        v,
+        _np(cg),
+        _np(mu_eff),
+        _np(wd),
+        _np(types),
+        float(h),
+        float(torch.finfo(X.dtype).tiny),
+    )
 
 
 _STEP_SIZE = """

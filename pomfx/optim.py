@@ -56,7 +56,9 @@ arrays in weight order (:class:`pomfx.parametrization.POM`), their components of
 interleaved: one :class:`_KernelJob` applies the four manifolds' formulas side by side with
 per-component masks, as elementwise ops over the contiguous component axis (a B×B product of
 3×3 kernels is 3 fused multiply-adds over N, where a batched matmul or LAPACK call per component
-would be 10-40× slower on CPU). Block layers (K = 1) are bucketed: same manifold and shape, across
+would be 10-40× slower on CPU); on a CPU that job is numba's (:mod:`pomfx.fused`): two phases
+with the group step sizes between them, or, when a per-component bound shows that no group's
+step can be capped (the usual case), the whole step in one pass over ω, g and v. Block layers (K = 1) are bucketed: same manifold and shape, across
 layers, one :class:`_Job`; on a CPU a job of small blocks runs as one numba loop
 (:func:`pomfx.fused.block_step`, the same formulas per block, in float64). On CPU, work is cut
 into chunks of about ``chunk`` elements so that its passes run in cache, temporaries live in
@@ -658,7 +660,9 @@ class _KernelJob(_GroupNorms):
         to scratch and leaves ω and v alone, so a non-finite gradient, which makes its component's
         ``q = ‖u_c‖²`` non-finite, is caught in q before anything has changed; the caller then runs
         the checked step (that skips whole groups). Returns whether it stepped. This saves the
-        check's pass over the gradient, and the step size is one :func:`pomfx.fused.step_size`."""
+        check's pass over the gradient, and the step size is one :func:`pomfx.fused.step_size`.
+        Usually the step is one pass (:meth:`_one_pass`), which a non-finite gradient also
+        leaves to the two phases."""
         n, X = self.n, segs[0][0]
         ws, mu = self.ws, hy.mu
         k = self._damping(first, hy, X)
@@ -667,6 +671,8 @@ class _KernelJob(_GroupNorms):
         wd_n = ws.get("wd", (n,), X).zero_()
         if hy.wd and self.has["euc"]:
             wd_n.add_(hy.wd * k)  # times the euc mask, in the kernel
+        if self._one_pass(segs, spans, cg, mu_n, wd_n, hy):
+            return True
         q = ws.get("q", (n,), X)
         scratch = self.shared.flat("u", sum(x.numel() for x, _, _ in segs), X)
         us = list(scratch.split([x.numel() for x, _, _ in segs]))
@@ -684,6 +690,34 @@ class _KernelJob(_GroupNorms):
         for (x, _, v), u, (i, j) in zip(segs, us, spans):
             u, v = u.view(x.shape), v if transport else None
             fused.phase_b(x, u, v, h[i:j], self.types[i:j], ok[i:j], reps, transport, u)
+        return True
+
+    def _one_pass(
+        self, segs: list[tuple], spans: list, cg: Tensor, mu_n: Tensor, wd_n: Tensor, hy: _Hyper
+    ) -> bool:
+        """The fused step in one pass (:func:`pomfx.fused.one_pass`) when a bound shows that no
+        group's step size is capped and the Cholesky-QR is done once, as is usual: every group
+        then steps by lr, and the two phases' result is that of one pass. Returns whether it ran.
+
+        The bound is per component: with e_c ≥ ‖u_c‖ (:func:`pomfx.fused.within`) and
+        e_c² ≤ δ²‖ω_c‖²/lr² for every c of a group, ‖u_g‖² = Σ_c ‖u_c‖² ≤ δ²‖ω_g‖²/lr², so the
+        cap min(1, δ‖ω_g‖/(lr‖u_g‖)) is 1; ‖ω_c‖² is 1 on sp and B on ob and st. With Stiefel
+        components, e_c² ≤ ``_RESTEP``/lr² too (h²q ≤ ``_RESTEP``: one Cholesky-QR). A 1/64 margin
+        covers rounding. It costs a pass over G and V, against phase A's pass and U's traffic."""
+        lr = float(hy.lr)
+        X = segs[0][0]
+        big = float(torch.finfo(X.dtype).max)
+        cap = [hy.radius**2, hy.radius**2 * self.b, hy.radius**2 * self.b, big]  # sp, ob, st, euc
+        if self.full:
+            cap = [min(c, _RESTEP) for c in cap]
+        scale = (1 - 1 / 64) / lr**2 if lr > 0 else big
+        lim = torch.tensor([min(c * scale, big) for c in cap], dtype=X.dtype)
+        decay = bool(hy.wd) and self.has["euc"] and self.full  # euc's ‖u‖ counts for the Cholesky-QR rule
+        for (x, g, v), (i, j) in zip(segs, spans):
+            if not fused.within(x, g, v, cg[i:j], mu_n[i:j], wd_n[i:j], self.types[i:j], lim, decay):
+                return False
+        for (x, g, v), (i, j) in zip(segs, spans):
+            fused.one_pass(x, g, v, cg[i:j], mu_n[i:j], wd_n[i:j], self.types[i:j], lr)
         return True
 
     def _run(self, segs: list[tuple], first: dict, hy: _Hyper, fuse: bool) -> None:

@@ -622,6 +622,37 @@ def test_fused_kernels_match_torch_kernels(manifolds, momentum, nesterov, dtype,
         torch.set_num_threads(n)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("momentum,dampening", [(0.0, 0.0), (0.9, 0.0), (0.9, 0.3)])
+@pytest.mark.parametrize("manifolds", ["sp+ob+st", "sp+ob+st+euc"])
+def test_one_pass_step_is_the_two_phase_step(manifolds, momentum, dampening, dtype, monkeypatch):
+    """A kernel layer steps in one pass (pomfx.fused.one_pass) when the bound of fused.within
+    shows that no group's step is capped: bit for bit the two-phase step. Gradients from tiny to
+    capping, so that layers take both paths, and the bound is tested where it is tight."""
+    taken, phase_a = [], fused.phase_a  # the path of each layer step of the model under test
+    monkeypatch.setattr(fused, "one_pass", lambda *a, f=fused.one_pass: taken.append("one") or f(*a))
+    monkeypatch.setattr(fused, "phase_a", lambda *a: taken.append("two") or phase_a(*a))
+    ref = small_net(manifolds, dtype=dtype)
+    new = copy.deepcopy(ref)
+    kw = dict(lr=0.5, momentum=momentum, dampening=dampening, weight_decay=1e-2)
+    o_ref, o_new = pomfx.FGSGD(ref.parameters(), **kw), pomfx.FGSGD(new.parameters(), **kw)
+    for step, scale in enumerate([1e-3, 0.02, 0.05, 0.1, 0.2, 0.4, 1e-3, 0.05]):
+        g = torch.Generator().manual_seed(step)
+        for a, b in zip(ref.parameters(), new.parameters()):
+            a.grad = torch.randn(a.shape, generator=g, dtype=a.dtype) * scale
+            b.grad = a.grad.clone()
+        with monkeypatch.context() as m:
+            m.setattr(fused, "within", lambda *a: False)  # the reference: always two phases
+            m.setattr(fused, "phase_a", phase_a)
+            o_ref.step()
+        o_new.step()
+        for a, b in zip(ref.parameters(), new.parameters()):
+            assert torch.equal(a, b), f"step {step}"
+            if momentum:
+                assert torch.equal(o_ref.state[a]["momentum_buffer"], o_new.state[b]["momentum_buffer"])
+    assert taken.count("one") >= 3 and taken.count("two") >= 3, taken
+
+
 # -- CUDA ------------------------------------------------------------------------------------------
 @pytest.mark.cuda
 @pytest.mark.parametrize(
