@@ -414,12 +414,13 @@ def step_size(q, gid, norm_g, types, lr: float, radius: float, qg, h) -> float:
     return float(fn(x, _np(gid), _np(norm_g), _np(types), float(lr), float(radius), _np(qg), _np(h)))
 
 
-def scale_to_weight(X, s, transpose: bool) -> torch.Tensor:
-    """``W (N, A·B)`` with ``W[n] = s[n]·X[:, :, n]`` (flattened; its transpose when ``transpose``)."""
+def scale_to_weight(X, s, transpose: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``W (N, A·B)`` with ``W[n] = s[n]·X[:, :, n]`` (flattened; its transpose when ``transpose``),
+    into ``out`` (contiguous (N, A·B)) when given."""
     a, b, n = X.shape
     x = _np(X)
     fn = _compiled(("w", a, b, transpose, x.dtype.str), lambda: _source_w(a, b, transpose), x.dtype)
-    out = X.new_empty(n, a * b)
+    out = X.new_empty(n, a * b) if out is None else out
     _run(fn, x, _np(out), _np(s))
     return out
 
@@ -671,13 +672,16 @@ _BLOCK_BODY = {  # storage -> weight: load the tile, write the rows; weight -> s
 }
 
 
-def block_map(src: torch.Tensor, bmap, scale: torch.Tensor, to: str) -> torch.Tensor:
+def block_map(
+    src: torch.Tensor, bmap, scale: torch.Tensor, to: str, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """A block layout's element map with R, flat, one parallel pass over the weight's rows:
     ``to="weight"``: ``W = R ⊙ ω`` (ω in storage order, the forward); ``"storage"``: ``R ⊙ ∇W``
-    in storage order (its backward); ``"storage_div"``: ``W / R`` in storage order (ω from W)."""
+    in storage order (its backward); ``"storage_div"``: ``W / R`` in storage order (ω from W).
+    Into ``out`` (flat, contiguous) when given."""
     x = _np(src)
     fn = _compiled(("bm", to, x.dtype.str), lambda: _BLOCK_MAP.format_map(_BLOCK_BODY[to]), x.dtype)
-    out = src.new_empty(src.shape[0])
+    out = src.new_empty(src.shape[0]) if out is None else out
     parts = 4 * max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))  # a few per thread
     _run(fn, x, _np(out), _np(scale), bmap.row_term, bmap.col_pos, bmap.bounds, bmap.base, bmap.stride, parts)
     return out

@@ -54,20 +54,21 @@ optimizer's state_dict, and loading keeps them in fp32, so a resumed run continu
 **Speed.** Nothing loops in Python over components. Kernel layers (K > 1) store ω structure of
 arrays in weight order (:class:`pomfx.parametrization.POM`), their components of all manifolds
 interleaved: one :class:`_KernelJob` applies the four manifolds' formulas side by side with
-per-component masks, as elementwise ops over the contiguous component axis (a B×B product of
-3×3 kernels is 3 fused multiply-adds over N, where a batched matmul or LAPACK call per component
+per-component masks, as elementwise ops over the contiguous component axis (a B×B product of 3×3
+kernels is 3 fused multiply-adds over N, where a batched matmul or LAPACK call per component
 would be 10-40× slower on CPU); on a CPU that job is numba's (:mod:`pomfx.fused`): two phases
 with the group step sizes between them, or, when a per-component bound shows that no group's
-step can be capped (the usual case), the whole step in one pass over ω, g and v. Block layers (K = 1) are bucketed: same manifold and shape, across
-layers, one :class:`_Job`; on a CPU a job of small blocks runs as one numba loop
-(:func:`pomfx.fused.block_step`, the same formulas per block, in float64). On CPU, work is cut
-into chunks of about ``chunk`` elements so that its passes run in cache, temporaries live in
-persistent workspaces (fresh large allocations page-fault on every step), and a non-finite
-check costs one reduction; on CUDA ("batched" mode) all kernel layers of a shape form one job,
-run in one chunk with the same elementwise ops (batched matmuls and cuSOLVER's batched Cholesky
-on 3×3 matrices measured 20× slower on an H100), all blocks of a shape another (the manifolds'
-own pieces range by range), and nothing syncs with the host: the step is bound by the launches
-it issues there (``benchmarks/launch_count.py`` counts them on any machine).
+step can be capped (the usual case), the whole step in one pass over ω, g and v. Block layers
+(K = 1) are bucketed: same manifold and shape, across layers, one :class:`_Job`; on a CPU a job of
+small blocks runs as one numba loop (:func:`pomfx.fused.block_step`, the same formulas per
+block, in float64). On CPU, work is cut into chunks of about ``chunk`` elements so that its
+passes run in cache, temporaries live in persistent workspaces (fresh large allocations
+page-fault on every step), and a non-finite check costs one reduction; on CUDA ("batched" mode)
+all kernel layers of a shape form one job, run in one chunk with the same elementwise ops
+(batched matmuls and cuSOLVER's batched Cholesky on 3×3 matrices measured 20× slower on an
+H100), all blocks of a shape another (the manifolds' own pieces range by range), and nothing
+syncs with the host: the step is bound by the launches it issues there
+(``benchmarks/launch_count.py`` counts them on any machine).
 """
 
 from __future__ import annotations

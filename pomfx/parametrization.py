@@ -114,6 +114,63 @@ def _gamma_times(layout: Layout, kappa: float) -> Tensor:
     return gamma if kappa == 1.0 else gamma.mul_(kappa)
 
 
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def _alias(t: Tensor) -> Tensor:
+    """A flat tensor on ``t``'s memory that is not a view of it: a view holds its base (and so
+    the storage's count) and, as a custom Function's output, may not be changed in place."""
+    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), (t.numel(),), (1,))
+
+
+class _Recycler:
+    """One flat buffer per POM for the CPU maps: each step's weight W is written into it in the
+    forward; in the backward, once W is dropped, ∇ω is written into it too, and the buffer
+    becomes ω's gradient while the incoming ∇W (which the conv's backward allocated) becomes
+    the buffer. So a converted layer allocates and frees what a plain layer does (its weight's
+    gradient, once a step) and no more: W and ∇ω coming and going cost ResNet-18 ~20 k page
+    faults a step on a CPU (fresh pages, after the allocator returned the freed ones), where
+    plain training takes none.
+
+    The buffer is handed out (as a view) only when nothing else holds its memory: no tensor
+    made from it before (the last W, kept by an autograd graph or the user; a gradient not yet
+    set to None; a ∇W someone kept) is alive, by the storage's use count. Otherwise a new buffer
+    is made, and the old one lives on with its users: recycling never changes a value anyone
+    holds. Not copied with the model (deep copies and pickles start empty)."""
+
+    __slots__ = ("buf",)
+
+    def __init__(self):
+        self.buf: Tensor | None = None
+
+    def __deepcopy__(self, memo):
+        return _Recycler()
+
+    def __reduce__(self):
+        return (_Recycler, ())
+
+    def take(self, numel: int, like: Tensor) -> Tensor:
+        """A flat tensor of ``numel`` elements like ``like``, for the caller to overwrite."""
+        b = self.buf
+        free = (
+            b is not None
+            and b.numel() == numel
+            and b.dtype == like.dtype
+            and b.device == like.device
+            and _storage_use_count is not None
+            and _storage_use_count(b.untyped_storage()._cdata) == 2  # the buffer and this query
+        )
+        if not free:
+            b = self.buf = like.new_empty(numel)
+        return _alias(b)  # autograd may keep it (AccumulateGrad steals it), not ours
+
+    def adopt(self, t: Tensor) -> None:
+        """Keep ``t``'s memory as the buffer (a tensor that owns all of its storage, contiguous),
+        through a view of our own: :meth:`take` hands it out once nothing else holds it."""
+        if t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.nbytes:
+            self.buf = _alias(t)
+
+
 class _ScaleKernels(torch.autograd.Function):
     """Kernel layouts: ``W[n] = R[n] · ω[:, :, n]`` (or its transpose), one multiply each way.
 
@@ -122,7 +179,9 @@ class _ScaleKernels(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, omega: Tensor, scale: Tensor, a: int, b: int, transpose: bool) -> Tensor:
+    def forward(
+        ctx, omega: Tensor, scale: Tensor, a: int, b: int, transpose: bool, pool: _Recycler
+    ) -> Tensor:
         x = omega.view(a, b, -1)
         n = x.shape[2]
         xw = x.permute(2, 1, 0) if transpose else x.permute(2, 0, 1)  # (N, rows, cols) of W
@@ -131,10 +190,12 @@ class _ScaleKernels(torch.autograd.Function):
             s = s.to(omega.dtype)
         ctx.save_for_backward(s)
         ctx.shape = (a, b, transpose)
+        ctx.pool = pool
         if torch.compiler.is_compiling():  # out= does not fix the strides under tracing
             return (xw * s).contiguous()
         if _fusable(omega, a, b):
-            return fused.scale_to_weight(x, s.view(n), transpose).view(xw.shape)
+            out = pool.take(omega.numel(), omega).view(n, a * b)
+            return fused.scale_to_weight(x, s.view(n), transpose, out).view(xw.shape)
         return torch.mul(xw, s, out=omega.new_empty(xw.shape))  # contiguous, in one pass
 
     @staticmethod
@@ -145,10 +206,20 @@ class _ScaleKernels(torch.autograd.Function):
         g = g.reshape(n, b, a) if transpose else g.reshape(n, a, b)
         gx = g.permute(2, 1, 0) if transpose else g.permute(1, 2, 0)  # (A, B, N)
         if torch.compiler.is_compiling():
-            return (gx * s.view(1, 1, n)).reshape(-1), None, None, None, None
-        out = g.new_empty(a, b, n)
-        torch.mul(gx, s.view(1, 1, n), out=out)
-        return out.view(-1), None, None, None, None
+            return (gx * s.view(1, 1, n)).reshape(-1), None, None, None, None, None
+        if not (_fused_map(g) and not torch.is_grad_enabled()):  # (create_graph: a fresh tensor)
+            return (
+                torch.mul(gx, s.view(1, 1, n), out=g.new_empty(a, b, n)).view(-1),
+                None,
+                None,
+                None,
+                None,
+                None,
+            )
+        out = ctx.pool.take(g.numel(), g)
+        torch.mul(gx, s.view(1, 1, n), out=out.view(a, b, n))
+        ctx.pool.adopt(g)  # ∇W's memory serves the next step's W
+        return out, None, None, None, None, None
 
 
 class _ScatterScale(torch.autograd.Function):
@@ -158,11 +229,11 @@ class _ScatterScale(torch.autograd.Function):
     anyway: nothing per element is saved for the backward."""
 
     @staticmethod
-    def forward(ctx, omega: Tensor, inverse: Tensor, scale: Tensor, bmap):
+    def forward(ctx, omega: Tensor, inverse: Tensor, scale: Tensor, bmap, pool: _Recycler):
         ctx.save_for_backward(inverse, scale)
-        ctx.bmap = bmap  # None under torch.compile: the torch ops are traced
+        ctx.bmap, ctx.pool = bmap, pool  # bmap None under torch.compile: the torch ops are traced
         if bmap is not None and omega.is_contiguous():
-            return fused.block_map(omega, bmap, scale.reshape(-1), "weight")
+            return fused.block_map(omega, bmap, scale.reshape(-1), "weight", pool.take(omega.numel(), omega))
         w = omega.new_empty(omega.shape).index_put_((inverse,), omega)
         return w.mul_(scale.view(-1))
 
@@ -170,9 +241,11 @@ class _ScatterScale(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         inverse, scale = ctx.saved_tensors
         if ctx.bmap is not None and _fused_map(g) and not torch.is_grad_enabled():  # (create_graph: torch)
-            gw = fused.block_map(g.reshape(-1).contiguous(), ctx.bmap, scale.reshape(-1), "storage")
-            return gw, None, None, None
-        return (g.reshape(-1) * scale.view(-1)).index_select(0, inverse), None, None, None
+            g = g.reshape(-1).contiguous()
+            gw = fused.block_map(g, ctx.bmap, scale.reshape(-1), "storage", ctx.pool.take(g.numel(), g))
+            ctx.pool.adopt(g)  # ∇W's memory serves the next step's W
+            return gw, None, None, None, None
+        return (g.reshape(-1) * scale.view(-1)).index_select(0, inverse), None, None, None, None
 
 
 _TYPE_CODE = {"sp": 0, "ob": 1, "st": 2, "euc": 3}
@@ -232,6 +305,7 @@ class POM(nn.Module):
         is made again at once, so that a compiled forward finds it (made inside the graph, it would
         change the cache and the next call would recompile)."""
         self._cache = {}
+        self._pool = _Recycler()
         if not self.layout.kernel:
             self.inverse  # noqa: B018 (made on the scales' device)
 
@@ -277,11 +351,11 @@ class POM(nn.Module):
         lay = self.layout
         if lay.kernel:
             a, b = self._shape
-            w = _ScaleKernels.apply(omega, self.scale, a, b, lay.transpose)
+            w = _ScaleKernels.apply(omega, self.scale, a, b, lay.transpose, self._pool)
         else:
             scale = self.scale if self.scale.dtype == omega.dtype else self.scale.to(omega.dtype)
             bmap = lay.block_map if _fused_map(omega) else None  # (None in layouts pickled before it)
-            w = _ScatterScale.apply(omega, self.inverse, scale, bmap)
+            w = _ScatterScale.apply(omega, self.inverse, scale, bmap, self._pool)
         return w.reshape(lay.weight_shape)
 
     def right_inverse(self, weight: Tensor) -> Tensor:

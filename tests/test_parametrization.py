@@ -401,3 +401,84 @@ def test_a_block_layout_pickled_without_its_row_map_still_maps():
     torch.testing.assert_close(old, omega.detach(), rtol=0, atol=1e-6)
     assert torch.equal(pom(omega), out)
     assert torch.equal(torch.autograd.grad(pom(omega), omega, w)[0], grad)
+
+
+def _train_steps(model, batches, set_to_none=True, lr=0.05):
+    opt = pomfx.FGSGD(model.parameters(), lr=lr, momentum=0.9)
+    for x in batches:
+        opt.zero_grad(set_to_none=set_to_none)
+        model(x).square().mean().backward()
+        opt.step()
+    return model
+
+
+@pytest.mark.skipif(
+    not pomfx.fused.enabled(), reason="the fused kernels are off here (POMFX_FUSED=0 or no numba)"
+)
+def test_recycled_map_buffers_never_change_what_someone_holds():
+    """A converted layer's weight W is written into the memory of its previous ∇W, and ∇ω into
+    W's (pomfx.parametrization._Recycler), so a CPU step allocates no more than plain training,
+    but only when nothing else holds that memory: weights and gradients a user or a graph keeps,
+    accumulated and retained gradients, and ∇W kept by a hook are never overwritten."""
+    torch.manual_seed(1)
+    xs = [torch.randn(4, 3, 6, 6, dtype=torch.float64) for _ in range(4)]
+    model = net()
+    mods = [mod for _, mod, _, _ in layers(model)]
+    # the steady state recycles: W of a step lives in the memory of the step before's ∇W
+    ptrs = {}  # (layer, "W" or "dW") -> data pointers, step by step (no tensor is kept)
+
+    def watch(i):
+        def hook(_pom, _args, w):
+            ptrs.setdefault((i, "W"), []).append(w.data_ptr())
+            w.register_hook(lambda g: ptrs.setdefault((i, "dW"), []).append(g.data_ptr()))
+
+        return hook
+
+    handles = [mod.parametrizations.weight[0].register_forward_hook(watch(i)) for i, mod in enumerate(mods)]
+    _train_steps(model, xs)
+    for h in handles:
+        h.remove()
+    for i in range(len(mods)):
+        w, dw = ptrs[i, "W"], ptrs[i, "dW"]
+        assert w[1:] == dw[:-1], i  # every layer, from the second step on
+    # kept weights, kept ∇W, kept gradients: unchanged by later steps
+    held_w = [mod.weight for mod in mods]
+    copies_w = [w.detach().clone() for w in held_w]
+    kept_gw = []
+    for w in [mod.weight for mod in mods]:
+        w.register_hook(lambda g: kept_gw.append((g, g.clone())))
+    model(xs[0]).square().mean().backward()
+    kept_grads = [(p.grad, p.grad.clone()) for p in model.parameters()]
+    _train_steps(model, xs[1:3])
+    for w, c in zip(held_w, copies_w):
+        assert torch.equal(w.detach(), c)
+    for t, c in kept_gw + kept_grads:
+        assert torch.equal(t, c)
+
+
+@pytest.mark.skipif(
+    not pomfx.fused.enabled(), reason="the fused kernels are off here (POMFX_FUSED=0 or no numba)"
+)
+def test_recycled_map_buffers_accumulate_and_retain_gradients():
+    """Accumulated gradients (no zero_grad between backwards), a retained graph run twice and
+    zero_grad(set_to_none=False) give what the torch maps give (POMFX_FUSED=0: fresh tensors)."""
+    torch.manual_seed(2)
+    xs = [torch.randn(4, 3, 6, 6, dtype=torch.float64) for _ in range(3)]
+
+    def grads(fused_on: bool):
+        with pytest.MonkeyPatch.context() as mp:
+            if not fused_on:
+                mp.setenv("POMFX_FUSED", "0")
+            model = net()
+            for x in xs:  # accumulated
+                model(x).square().mean().backward()
+            loss = model(xs[0]).sum()
+            loss.backward(retain_graph=True)
+            loss.backward()
+            acc = [p.grad.clone() for p in model.parameters()]
+            trained = _train_steps(net(), xs, set_to_none=False)
+            return acc, [p.detach().clone() for p in trained.parameters()]
+
+    (acc, trained), (acc_ref, trained_ref) = grads(True), grads(False)
+    for a, b in zip(acc + trained, acc_ref + trained_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
