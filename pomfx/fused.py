@@ -76,7 +76,7 @@ __all__ = [
     "within",
 ]
 
-_VERSION = 7  # of the generated source: bump when the generators change
+_VERSION = 8  # of the generated source: bump when the generators change
 MAX_ELEMENTS = 16  # A·B up to which the unrolled kernels are used (3×3, 1×3, 3×1, 2×2, 1×5, ...)
 _CACHE: dict = {}
 
@@ -215,19 +215,23 @@ def _source_one(a: int, b: int, momentum: bool) -> str:
         body += [f"v{i}_{j} = u{i}_{j}" for i in range(a) for j in range(b)]
         body += _remove_normal(a, b, "y", "v")
         body += [f"V[{i}, {j}, c] = v{i}_{j}" for i in range(a) for j in range(b)]
-    return _loop("X, G, V, cg, mu_eff, wd, types, h, tiny", body, ("h, tiny = F(h), F(tiny)",))
+        body.append(
+            "vn[c] = np.sqrt(" + " + ".join(f"v{i}_{j} * v{i}_{j}" for i in range(a) for j in range(b)) + ")"
+        )
+    return _loop("X, G, V, cg, mu_eff, wd, types, h, tiny, vn", body, ("h, tiny = F(h), F(tiny)",))
 
 
-def _source_bound(a: int, b: int, momentum: bool, decay: bool) -> str:
-    """Counts the components whose bound on ‖u_c‖ (see :func:`within`) is above their limit."""
+def _source_bound(a: int, b: int, momentum: bool, decay: bool, cached: bool) -> str:
+    """Counts the components whose bound on ‖u_c‖ (see :func:`within`) is above their limit;
+    ``cached``: ‖V_c‖ read from ``vn`` instead of V."""
     sq = lambda t: " + ".join(f"{t}[{i}, {j}, c] * {t}[{i}, {j}, c]" for i in range(a) for j in range(b))  # noqa: E731
     e = "np.abs(cg[c]) * np.sqrt(" + sq("G") + ")"
     if momentum:
-        e += " + mu_eff[c] * np.sqrt(" + sq("V") + ")"
+        e += " + mu_eff[c] * " + ("vn[c]" if cached else "np.sqrt(" + sq("V") + ")")
     if decay:  # the weight decay of euc components
         e += " + (np.abs(wd[c]) if t == 3 else zero) * np.sqrt(" + sq("X") + ")"
     body = ["t = types[c]", f"e = {e}", "bad += 0 if (np.isfinite(e) and e * e <= lim[t]) else 1"]
-    return _loop("X, G, V, cg, mu_eff, wd, types, lim", body, ("bad = 0",), ("return bad",))
+    return _loop("X, G, V, cg, mu_eff, wd, types, lim, vn", body, ("bad = 0",), ("return bad",))
 
 
 # fused multiply-adds and reciprocals; no reassociation (a component's result must not depend on
@@ -333,36 +337,39 @@ def phase_b(X, U, V, h, types, ok, reps: int, transport: bool, S=None) -> None:
     _run(fn, x, _np(U), v, src, _np(h), _np(types), ok8, float(torch.finfo(X.dtype).tiny))
 
 
-def within(X, G, V, cg, mu_eff, wd, types, lim, decay: bool) -> bool:
+def within(X, G, V, cg, mu_eff, wd, types, lim, decay: bool, vnorm=None) -> bool:
     """Whether every component c of a layer has ``e_c² ≤ lim[type_c]`` for the bound
 
         e_c = |cg_c|·‖G_c‖ + μ_c·‖V_c‖ (+ |wd_c|·‖X_c‖ on euc with ``decay``) ≥ ‖u_c‖
 
     of phase A's step direction u = μv + P_ω(cg·g) (+ wd·ω on euc): the tangent projection P_ω
     is orthogonal, so it does not lengthen cg·g. All finite, too. One parallel pass reading G
-    and V (and X with ``decay``); V None: no momentum."""
+    and V (and X with ``decay``); V None: no momentum; ``vnorm`` (N,): ‖V_c‖ as
+    :func:`one_pass` left it, read instead of V."""
     a, b, _ = X.shape
     x = _np(X)
-    momentum = V is not None
-    fn = _compiled(
-        ("c", a, b, momentum, decay, x.dtype.str), lambda: _source_bound(a, b, momentum, decay), x.dtype
+    momentum, cached = V is not None, vnorm is not None
+    key = ("c", a, b, momentum, decay, cached, x.dtype.str)
+    fn = _compiled(key, lambda: _source_bound(a, b, momentum, decay, cached), x.dtype)
+    vn = _np(vnorm) if cached else x.reshape(-1)
+    bad = _run(
+        fn, x, _np(G), _np(X if V is None else V), _np(cg), _np(mu_eff), _np(wd), _np(types), _np(lim), vn
     )
-    return (
-        _run(fn, x, _np(G), _np(X if V is None else V), _np(cg), _np(mu_eff), _np(wd), _np(types), _np(lim))
-        == 0
-    )
+    return bad == 0
 
 
-def one_pass(X, G, V, cg, mu_eff, wd, types, h: float) -> None:
+def one_pass(X, G, V, cg, mu_eff, wd, types, h: float, vnorm=None) -> None:
     """Phases A and B in one pass with one step size ``h`` for every component: u = μ_c·V + d
-    (d as in phase A; V None: u = d), ω ← (ω − h·u)·R⁻¹ (once), V ← u transported. Reads X, G
-    and V once and writes X and V: the cost of a plain SGD step's passes. The caller knows that
-    no group's step size is capped (:func:`within`), so this is the two-phase step exactly."""
+    (d as in phase A; V None: u = d), ω ← (ω − h·u)·R⁻¹ (once), V ← u transported, and
+    ``vnorm`` (N,) ← ‖V_c‖ with momentum. Reads X, G and V once and writes X and V: the cost of
+    a plain SGD step's passes. The caller knows that no group's step size is capped
+    (:func:`within`), so this is the two-phase step exactly."""
     a, b, _ = X.shape
     x = _np(X)
     momentum = V is not None
     fn = _compiled(("o", a, b, momentum, x.dtype.str), lambda: _source_one(a, b, momentum), x.dtype)
     v = _np(X if V is None else V)
+    vn = x.reshape(-1) if vnorm is None else _np(vnorm)
     _run(
         fn,
         x,
@@ -374,6 +381,7 @@ def one_pass(X, G, V, cg, mu_eff, wd, types, h: float) -> None:
         _np(types),
         float(h),
         float(torch.finfo(X.dtype).tiny),
+        vn,
     )
 
 

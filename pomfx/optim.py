@@ -73,6 +73,7 @@ syncs with the host: the step is bound by the launches it issues there
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -586,6 +587,8 @@ class _KernelJob(_GroupNorms):
         self.nc = min(step, self.n)
         self.ws = _Workspace()
         self.m: dict = {}  # the current chunk's float masks (see _masks)
+        self._bufs: list = []  # the layers' momentum buffers in this step (fused)
+        self._vnorm: dict = {}  # layer -> (its buffer, weakly; the buffer's _version; ‖v_c‖ (N,))
 
     def _masks(self, i: int, j: int, like: Tensor) -> None:
         """Float masks of components [i, j) into a workspace: ``sp``, ``ob``, ``st``, ``euc``
@@ -622,6 +625,7 @@ class _KernelJob(_GroupNorms):
         if not self.cuda and x0.dtype in (torch.float32, torch.float64) and fused.available(a, b):
             # fused kernels: layer by layer, no concatenation (one call each costs microseconds)
             view = lambda t: None if t is None else t.view(a, b, -1)  # noqa: E731
+            self._bufs = [v for _, _, v in parts]
             self._run([tuple(view(t) for t in part) for part in parts], first, hy, True)
             return
         if len(parts) == 1:
@@ -656,7 +660,9 @@ class _KernelJob(_GroupNorms):
             self._all_ok = torch.ones(self.n, dtype=torch.bool)
         return self._all_ok
 
-    def _fused_step(self, segs: list[tuple], spans: list, first: dict, hy: _Hyper, s: Tensor) -> bool:
+    def _fused_step(
+        self, segs: list[tuple], spans: list, first: dict, hy: _Hyper, s: Tensor, vnorm: dict
+    ) -> bool:
         """The fused step without a check first (no momentum, or the heavy ball): phase A writes u
         to scratch and leaves ω and v alone, so a non-finite gradient, which makes its component's
         ``q = ‖u_c‖²`` non-finite, is caught in q before anything has changed; the caller then runs
@@ -672,7 +678,7 @@ class _KernelJob(_GroupNorms):
         wd_n = ws.get("wd", (n,), X).zero_()
         if hy.wd and self.has["euc"]:
             wd_n.add_(hy.wd * k)  # times the euc mask, in the kernel
-        if self._one_pass(segs, spans, cg, mu_n, wd_n, hy):
+        if self._one_pass(segs, spans, cg, mu_n, wd_n, hy, vnorm):
             return True
         q = ws.get("q", (n,), X)
         scratch = self.shared.flat("u", sum(x.numel() for x, _, _ in segs), X)
@@ -694,7 +700,7 @@ class _KernelJob(_GroupNorms):
         return True
 
     def _one_pass(
-        self, segs: list[tuple], spans: list, cg: Tensor, mu_n: Tensor, wd_n: Tensor, hy: _Hyper
+        self, segs: list[tuple], spans: list, cg: Tensor, mu_n: Tensor, wd_n: Tensor, hy: _Hyper, vnorm: dict
     ) -> bool:
         """The fused step in one pass (:func:`pomfx.fused.one_pass`) when a bound shows that no
         group's step size is capped and the Cholesky-QR is done once, as is usual: every group
@@ -704,7 +710,10 @@ class _KernelJob(_GroupNorms):
         e_c² ≤ δ²‖ω_c‖²/lr² for every c of a group, ‖u_g‖² = Σ_c ‖u_c‖² ≤ δ²‖ω_g‖²/lr², so the
         cap min(1, δ‖ω_g‖/(lr‖u_g‖)) is 1; ‖ω_c‖² is 1 on sp and B on ob and st. With Stiefel
         components, e_c² ≤ ``_RESTEP``/lr² too (h²q ≤ ``_RESTEP``: one Cholesky-QR). A 1/64 margin
-        covers rounding. It costs a pass over G and V, against phase A's pass and U's traffic."""
+        covers rounding. It costs a pass over G, against phase A's pass and U's traffic: ‖v_c‖
+        is the one the last one-pass step wrote, while the buffer is the same tensor, at the
+        same version (any other writer of V bumps it, or goes through :meth:`_run`, which drops
+        the norms)."""
         lr = float(hy.lr)
         X = segs[0][0]
         big = float(torch.finfo(X.dtype).max)
@@ -714,11 +723,18 @@ class _KernelJob(_GroupNorms):
         scale = (1 - 1 / 64) / lr**2 if lr > 0 else big
         lim = torch.tensor([min(c * scale, big) for c in cap], dtype=X.dtype)
         decay = bool(hy.wd) and self.has["euc"] and self.full  # euc's ‖u‖ counts for the Cholesky-QR rule
-        for (x, g, v), (i, j) in zip(segs, spans):
-            if not fused.within(x, g, v, cg[i:j], mu_n[i:j], wd_n[i:j], self.types[i:j], lim, decay):
+        bufs = self._bufs
+        for k, ((x, g, v), (i, j)) in enumerate(zip(segs, spans)):
+            ref, version, norms = vnorm.get(k, (None, None, None))
+            fresh = ref is not None and ref() is bufs[k] and bufs[k]._version == version
+            vn = norms if fresh else None
+            if not fused.within(x, g, v, cg[i:j], mu_n[i:j], wd_n[i:j], self.types[i:j], lim, decay, vn):
                 return False
-        for (x, g, v), (i, j) in zip(segs, spans):
-            fused.one_pass(x, g, v, cg[i:j], mu_n[i:j], wd_n[i:j], self.types[i:j], lr)
+        for k, ((x, g, v), (i, j)) in enumerate(zip(segs, spans)):
+            norms = None if v is None else self.ws.get(f"vnorm{k}", (j - i,), x)
+            fused.one_pass(x, g, v, cg[i:j], mu_n[i:j], wd_n[i:j], self.types[i:j], lr, norms)
+            if norms is not None:
+                self._vnorm[k] = (weakref.ref(bufs[k]), bufs[k]._version, norms)
         return True
 
     def _run(self, segs: list[tuple], first: dict, hy: _Hyper, fuse: bool) -> None:
@@ -734,7 +750,8 @@ class _KernelJob(_GroupNorms):
             s = s.to(dt)
         starts = np.cumsum([0, *self.sizes[:-1]]).tolist()
         spans = [(o, o + m) for o, m in zip(starts, self.sizes)] if fuse else [(0, n)]
-        if fuse and not nesterov and self._fused_step(segs, spans, first, hy, s):
+        vnorm, self._vnorm = self._vnorm, {}  # any step below rewrites V: only one_pass renews it
+        if fuse and not nesterov and self._fused_step(segs, spans, first, hy, s, vnorm):
             return
         # non-finite gradients: one reduction, then whole groups
         gsum = ws.get("n1", (n,), X)

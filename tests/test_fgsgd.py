@@ -653,6 +653,46 @@ def test_one_pass_step_is_the_two_phase_step(manifolds, momentum, dampening, dty
     assert taken.count("one") >= 3 and taken.count("two") >= 3, taken
 
 
+def test_one_pass_reads_a_changed_momentum_buffer_afresh(monkeypatch):
+    """The one-pass bound reads ‖v_c‖ as the last one-pass step left it, while the buffer is
+    the same tensor at the same version: a buffer scaled in place, or loaded from a state_dict,
+    is read again (a stale norm would let a capped step through, unlike the reference)."""
+    ref = small_net()
+    new = copy.deepcopy(ref)
+    kw = dict(lr=0.5, momentum=0.9)
+    o_ref, o_new = pomfx.FGSGD(ref.parameters(), **kw), pomfx.FGSGD(new.parameters(), **kw)
+    taken, within = [], fused.within
+    monkeypatch.setattr(fused, "within", lambda *a: taken.append(a[-1] is not None) or within(*a))
+
+    def step(seed, change=None):
+        g = torch.Generator().manual_seed(seed)
+        for a, b in zip(ref.parameters(), new.parameters()):
+            a.grad = torch.randn(a.shape, generator=g) * 1e-3
+            b.grad = a.grad.clone()
+        for o in (o_ref, o_new):
+            if change is not None:
+                change(o)
+        with monkeypatch.context() as m:
+            m.setattr(fused, "within", lambda *a: False)  # the reference: always two phases
+            o_ref.step()
+        taken.clear()
+        o_new.step()
+        for a, b in zip(ref.parameters(), new.parameters()):
+            assert torch.equal(a, b), seed
+            assert torch.equal(o_ref.state[a]["momentum_buffer"], o_new.state[b]["momentum_buffer"])
+
+    step(0)
+    step(1)
+    assert taken and all(taken), "the second one-pass step reads the norms the first one wrote"
+    big = lambda o: [o.state[p]["momentum_buffer"].mul_(1e4) for p in omegas(o is o_ref and ref or new)]  # noqa: E731
+    step(2, big)  # capped now: the new model must see the scaled buffers
+    assert not any(taken)
+    step(3)
+    saved = copy.deepcopy(o_ref.state_dict())
+    step(4, lambda o: o.load_state_dict(copy.deepcopy(saved)))  # (loading keeps the tensors it gets)
+    assert not any(taken)
+
+
 # -- CUDA ------------------------------------------------------------------------------------------
 @pytest.mark.cuda
 @pytest.mark.parametrize(
