@@ -17,7 +17,9 @@ k×k kernel gets orthogonal kernels (the last two dims of the weight, geotorch's
 flattens every conv to (out, in·k·k) instead). As with pomfx's default, the classifier stays
 plain. Peak memory is measured per variant in a child process (CPU: peak RSS growth over the
 process after imports, over two steps after the model is built; CUDA:
-``torch.cuda.max_memory_allocated`` over two steps).
+``torch.cuda.max_memory_allocated`` over two steps). ``faults`` is the median count of minor page
+faults a step (the process's, so on CUDA mostly host-side): fresh pages, each costing
+microseconds, where the allocator gave memory back and took it again.
 
     python benchmarks/step_ratio.py                       # CPU: resnet18, bs 16, 64×64, 2 threads
     python benchmarks/step_ratio.py --device cuda         # GPU: resnet50, bs 64, 224×224
@@ -172,7 +174,13 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(args) -> dict[str, list[float]]:
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def time_steps(args) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
+    """Each variant's step times (s) and, on CPU, its minor page faults a step (fresh pages the
+    allocator had given back: each costs microseconds)."""
     x, y = batch(args)
     steps = {}
     for v in args.variants:
@@ -186,6 +194,7 @@ def time_steps(args) -> dict[str, list[float]]:
                 steps[v]()
     sync(args.device)
     times: dict[str, list[float]] = {v: [] for v in args.variants}
+    faults: dict[str, list[int]] = {v: [] for v in args.variants}
     t_start = time.perf_counter()
     for r in range(args.rounds):
         order = args.variants[r % len(args.variants) :] + args.variants[: r % len(args.variants)]
@@ -193,13 +202,14 @@ def time_steps(args) -> dict[str, list[float]]:
             if r >= args.min_rounds and v in args.slow and times[v]:
                 continue
             sync(args.device)
-            t0 = args.clock()
+            f0, t0 = _minor_faults(), args.clock()
             steps[v]()
             sync(args.device)
             times[v].append(args.clock() - t0)
+            faults[v].append(_minor_faults() - f0)
         if time.perf_counter() - t_start > args.budget and r + 1 >= args.min_rounds:
             break
-    return times
+    return times, faults
 
 
 def peak_memory(variant: str, args) -> float:
@@ -345,18 +355,19 @@ def main(argv=None) -> dict:
     print(f"step_ratio: {args.arch}, batch {args.batch}, {args.size}×{args.size}, {args.device} ({where}), "
           f"torch {torch.__version__}, {args.clock_name} clock{', CUDA graphs' if args.graph else ''}",
           flush=True)  # fmt: skip
-    times = time_steps(args)
+    times, faults = time_steps(args)
     med = {v: statistics.median(t) for v, t in times.items()}
+    flt = {v: statistics.median(f) for v, f in faults.items()}
     mem = {} if args.no_memory else {v: peak_memory(v, args) for v in args.variants}
     base = med.get("plain")
     rows = []
-    print(f"\n{'variant':<10} {'median ms':>10} {'ratio':>7} {'steps':>6} {'peak MB':>9}")
+    print(f"\n{'variant':<10} {'median ms':>10} {'ratio':>7} {'steps':>6} {'peak MB':>9} {'faults':>8}")
     for v in args.variants:
         ratio = med[v] / base if base else float("nan")
         rows.append({"variant": v, "median_ms": med[v] * 1e3, "ratio": ratio, "steps": len(times[v]),
-                     "peak_mb": mem.get(v)})  # fmt: skip
+                     "peak_mb": mem.get(v), "minor_faults_per_step": flt[v]})  # fmt: skip
         pm = f"{mem[v]:9.0f}" if v in mem else f"{'-':>9}"
-        print(f"{v:<10} {med[v] * 1e3:10.1f} {ratio:7.2f} {len(times[v]):6d} {pm}")
+        print(f"{v:<10} {med[v] * 1e3:10.1f} {ratio:7.2f} {len(times[v]):6d} {pm} {flt[v]:8.0f}")
     if "pomfx" in med:
         for peer in ("geotorch", "geoopt"):
             if peer in med:
