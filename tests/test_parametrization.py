@@ -460,8 +460,9 @@ def test_recycled_map_buffers_never_change_what_someone_holds():
     not pomfx.fused.enabled(), reason="the fused kernels are off here (POMFX_FUSED=0 or no numba)"
 )
 def test_recycled_map_buffers_accumulate_and_retain_gradients():
-    """Accumulated gradients (no zero_grad between backwards), a retained graph run twice and
-    zero_grad(set_to_none=False) give what the torch maps give (POMFX_FUSED=0: fresh tensors)."""
+    """Accumulated gradients (no zero_grad between backwards), a retained graph run twice,
+    zero_grad(set_to_none=False), a layer used twice in one forward and a checkpointed forward
+    give what the torch maps give (POMFX_FUSED=0: fresh tensors)."""
     torch.manual_seed(2)
     xs = [torch.randn(4, 3, 6, 6, dtype=torch.float64) for _ in range(3)]
 
@@ -477,7 +478,18 @@ def test_recycled_map_buffers_accumulate_and_retain_gradients():
             loss.backward()
             acc = [p.grad.clone() for p in model.parameters()]
             trained = _train_steps(net(), xs, set_to_none=False)
-            return acc, [p.detach().clone() for p in trained.parameters()]
+            twice = net()  # a layer used twice in one forward, and a checkpointed forward
+            conv = twice[2]
+            h = twice[:2](xs[0])
+            y = (
+                conv(h)
+                + conv(h.flip(-1))
+                + torch.utils.checkpoint.checkpoint(conv, 2 * h, use_reentrant=False)
+            )
+            twice[3:](y).square().mean().backward()
+            return acc, [p.detach().clone() for p in trained.parameters()] + [
+                p.grad for p in twice.parameters()
+            ]
 
     (acc, trained), (acc_ref, trained_ref) = grads(True), grads(False)
     for a, b in zip(acc + trained, acc_ref + trained_ref):
