@@ -25,7 +25,8 @@ order (see :mod:`pomfx.optim`):
 
 The same machinery serves the parametrization's maps on a CPU: :func:`project` (ω of a kernel
 layer from its weight: divide by R, project every component, store the structure of arrays, in
-one pass), :func:`scale_to_weight` (its forward), and for block layers the element map scaled
+one pass), :func:`scale_to_weight` (its forward) and :func:`scale_from_weight` (its backward, 16
+components at a time), and for block layers the element map scaled
 by R both ways (:func:`block_map`, row by row: 3-4× faster than the element permutation
 through ``index_put_``/``index_select``); and for the λ statistics of
 :mod:`pomfx.renorm`, :func:`fold_channel_var` (one read of the layer's input instead of four
@@ -71,6 +72,7 @@ __all__ = [
     "phase_a",
     "phase_b",
     "project",
+    "scale_from_weight",
     "scale_to_weight",
     "step_size",
     "within",
@@ -249,9 +251,7 @@ def _cache_dir() -> Path:
 
 def _source_w(a: int, b: int, transpose: bool) -> str:
     """W[n] = s[n]·ω[:, :, n] (transposed for wide kernels) into W (N, A·B): ω's structure-of-arrays
-    storage to the weight in one pass. (The backward's map the other way stays a torch multiply:
-    the same loop run the other way, inside autograd's backward, was slower in session 2 and no
-    faster in session 7, paired over whole training steps.)"""
+    storage to the weight in one pass (its backward: :func:`_source_g`)."""
     ind = " " * 8
     body = ["sc = s[c]"]
     for i in range(a):
@@ -260,6 +260,22 @@ def _source_w(a: int, b: int, transpose: bool) -> str:
             body.append(f"W[c, {k}] = sc * X[{i}, {j}, c]")
     head = "def kernel(X, W, s):\n    for c in prange(X.shape[2]):\n"
     return head + "\n".join(ind + t for t in body) + "\n"
+
+
+def _source_g(a: int, b: int, transpose: bool) -> str:
+    """ω's gradient from W's: ``O[r, t, l] = s[t, l]·G[t, l, k(r)]`` for tiles of 16 components
+    (G (T, 16, A·B), the weight's gradient; O (A·B, T, 16), storage rows r = i·B + j; k the weight
+    column of (i, j)). Each tile reads 16 whole weight rows and writes 16 contiguous values per
+    storage row, which vectorises; torch's strided multiply (one output row at a time over all
+    of G) or a loop over single components run 2-3× slower."""
+    ind = " " * 8
+    body = []
+    for i in range(a):
+        for j in range(b):
+            k = j * a + i if transpose else i * b + j
+            body += ["for l in range(16):", f"    O[{i * b + j}, t, l] = s[t, l] * G[t, l, {k}]"]
+    head = "def kernel(G, O, s):\n    for t in prange(G.shape[0]):\n"
+    return head + "\n".join(ind + line for line in body) + "\n"
 
 
 def _compiled(key: tuple, source, dtype: np.dtype, parallel: bool = True):
@@ -431,6 +447,29 @@ def scale_to_weight(X, s, transpose: bool, out: torch.Tensor | None = None) -> t
     out = X.new_empty(n, a * b) if out is None else out
     _run(fn, x, _np(out), _np(s))
     return out
+
+
+def scale_from_weight(
+    G: torch.Tensor, s: torch.Tensor, a: int, b: int, transpose: bool, out: torch.Tensor
+) -> None:
+    """``out (A, B, N)[i, j, n] = s[n]·G[n, k]``: the backward of :func:`scale_to_weight`, from
+    ``G (N, A·B)`` contiguous; 16 components at a time, the last ``N mod 16`` by torch."""
+    n = G.shape[0]
+    whole = n - n % 16
+    o = out.view(a * b, n)
+    if whole:
+        g = _np(G)
+        fn = _compiled(("g", a, b, transpose, g.dtype.str), lambda: _source_g(a, b, transpose), g.dtype)
+        tiles = whole // 16
+        views = (
+            G[:whole].view(tiles, 16, a * b),
+            o[:, :whole].view(a * b, tiles, 16),
+            s[:whole].view(tiles, 16),
+        )
+        _run(fn, *(_np(v) for v in views))
+    if whole < n:
+        rest = G[whole:].view(-1, b, a).transpose(1, 2) if transpose else G[whole:].view(-1, a, b)
+        torch.mul(rest.reshape(-1, a * b).t(), s[whole:], out=o[:, whole:])
 
 
 _PROJECT = """

@@ -172,7 +172,8 @@ class _Recycler:
 
 
 class _ScaleKernels(torch.autograd.Function):
-    """Kernel layouts: ``W[n] = R[n] · ω[:, :, n]`` (or its transpose), one multiply each way.
+    """Kernel layouts: ``W[n] = R[n] · ω[:, :, n]`` (or its transpose), one pass each way (on a
+    CPU numba's, into the POM's recycled buffer: :class:`_Recycler`).
 
     ω is stored structure-of-arrays, ``(A, B, N)`` with N = P·Q weight rows in the weight's own
     order, so the forward needs no gather; the backward writes ∇ω in the same layout.
@@ -203,23 +204,18 @@ class _ScaleKernels(torch.autograd.Function):
         (s,) = ctx.saved_tensors
         a, b, transpose = ctx.shape
         n = s.shape[0]
+        none = (None,) * 5
+        if _fusable(g, a, b) and not torch.is_grad_enabled():  # (create_graph: the torch ops)
+            flat = g.reshape(n, a * b).contiguous()
+            out = ctx.pool.take(g.numel(), g)
+            fused.scale_from_weight(flat, s.view(n), a, b, transpose, out)
+            ctx.pool.adopt(flat)  # ∇W's memory serves the next step's W
+            return (out, *none)
         g = g.reshape(n, b, a) if transpose else g.reshape(n, a, b)
         gx = g.permute(2, 1, 0) if transpose else g.permute(1, 2, 0)  # (A, B, N)
         if torch.compiler.is_compiling():
-            return (gx * s.view(1, 1, n)).reshape(-1), None, None, None, None, None
-        if not (_fused_map(g) and not torch.is_grad_enabled()):  # (create_graph: a fresh tensor)
-            return (
-                torch.mul(gx, s.view(1, 1, n), out=g.new_empty(a, b, n)).view(-1),
-                None,
-                None,
-                None,
-                None,
-                None,
-            )
-        out = ctx.pool.take(g.numel(), g)
-        torch.mul(gx, s.view(1, 1, n), out=out.view(a, b, n))
-        ctx.pool.adopt(g)  # ∇W's memory serves the next step's W
-        return out, None, None, None, None, None
+            return ((gx * s.view(1, 1, n)).reshape(-1), *none)
+        return (torch.mul(gx, s.view(1, 1, n), out=g.new_empty(a, b, n)).view(-1), *none)
 
 
 class _ScatterScale(torch.autograd.Function):
