@@ -136,7 +136,9 @@ class _Recycler:
     made from it before (the last W, kept by an autograd graph or the user; a gradient not yet
     set to None; a ∇W someone kept) is alive, by the storage's use count. Otherwise a new buffer
     is made, and the old one lives on with its users: recycling never changes a value anyone
-    holds. Not copied with the model (deep copies and pickles start empty)."""
+    holds. Not copied with the model (deep copies and pickles start empty). The buffer stays for
+    the model's life, one weight's worth per converted layer: training's peak is unchanged (W
+    existed then anyway); a deployed model is ``pomfx.fold``-ed into plain weights."""
 
     __slots__ = ("buf",)
 
