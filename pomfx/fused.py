@@ -19,9 +19,10 @@ order (see :mod:`pomfx.optim`):
   ``V ← s − ω·C(ωᵀs)`` of ``s`` (V itself, or U after mode 3). Components whose group is not
   ``ok`` are left exactly as they were;
 - between them, :func:`step_size`: the group sums of q and each component's step size h;
-- usually neither: when a per-component bound on ‖u_c‖ (:func:`within`, a pass over G and V)
-  shows that no group's step size is capped, every component steps by lr and both phases run
-  as one pass (:func:`one_pass`), u kept in registers: half the memory traffic, no group sums.
+- usually neither: when a per-component bound on ‖u_c‖ (:func:`within`, a pass over G, and
+  over V unless the last one-pass step left its norms) shows that no group's step size is
+  capped, every component steps by lr and both phases run as one pass (:func:`one_pass`), u
+  kept in registers: half the memory traffic, no group sums.
 
 The same machinery serves the parametrization's maps on a CPU: :func:`project` (ω of a kernel
 layer from its weight: divide by R, project every component, store the structure of arrays, in

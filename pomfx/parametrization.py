@@ -132,7 +132,7 @@ class _Recycler:
     faults a step on a CPU (fresh pages, after the allocator returned the freed ones), where
     plain training takes none.
 
-    The buffer is handed out (as a view) only when nothing else holds its memory: no tensor
+    The buffer is handed out (as an alias of its memory) only when nothing else holds it: no tensor
     made from it before (the last W, kept by an autograd graph or the user; a gradient not yet
     set to None; a ∇W someone kept) is alive, by the storage's use count. Otherwise a new buffer
     is made, and the old one lives on with its users: recycling never changes a value anyone
@@ -168,7 +168,7 @@ class _Recycler:
 
     def adopt(self, t: Tensor) -> None:
         """Keep ``t``'s memory as the buffer (a tensor that owns all of its storage, contiguous),
-        through a view of our own: :meth:`take` hands it out once nothing else holds it."""
+        through an alias of our own: :meth:`take` hands it out once nothing else holds it."""
         if t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.nbytes:
             self.buf = _alias(t)
 
