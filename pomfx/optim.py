@@ -587,7 +587,6 @@ class _KernelJob(_GroupNorms):
         self.nc = min(step, self.n)
         self.ws = _Workspace()
         self.m: dict = {}  # the current chunk's float masks (see _masks)
-        self._bufs: list = []  # the layers' momentum buffers in this step (fused)
         self._vnorm: dict = {}  # layer -> (its buffer, weakly; the buffer's _version; ‖v_c‖ (N,))
 
     def _masks(self, i: int, j: int, like: Tensor) -> None:
@@ -625,7 +624,6 @@ class _KernelJob(_GroupNorms):
         if not self.cuda and x0.dtype in (torch.float32, torch.float64) and fused.available(a, b):
             # fused kernels: layer by layer, no concatenation (one call each costs microseconds)
             view = lambda t: None if t is None else t.view(a, b, -1)  # noqa: E731
-            self._bufs = [v for _, _, v in parts]
             self._run([tuple(view(t) for t in part) for part in parts], first, hy, True)
             return
         if len(parts) == 1:
@@ -723,7 +721,7 @@ class _KernelJob(_GroupNorms):
         scale = (1 - 1 / 64) / lr**2 if lr > 0 else big
         lim = torch.tensor([min(c * scale, big) for c in cap], dtype=X.dtype)
         decay = bool(hy.wd) and self.has["euc"] and self.full  # euc's ‖u‖ counts for the Cholesky-QR rule
-        bufs = self._bufs
+        bufs = [None if v is None else v if v._base is None else v._base for _, _, v in segs]  # the buffers
         for k, ((x, g, v), (i, j)) in enumerate(zip(segs, spans)):
             ref, version, norms = vnorm.get(k, (None, None, None))
             fresh = ref is not None and ref() is bufs[k] and bufs[k]._version == version

@@ -684,7 +684,11 @@ def test_one_pass_reads_a_changed_momentum_buffer_afresh(monkeypatch):
     step(0)
     step(1)
     assert taken and all(taken), "the second one-pass step reads the norms the first one wrote"
-    big = lambda o: [o.state[p]["momentum_buffer"].mul_(1e4) for p in omegas(o is o_ref and ref or new)]  # noqa: E731
+
+    def big(o):
+        for p in omegas(ref if o is o_ref else new):
+            o.state[p]["momentum_buffer"].mul_(1e4)
+
     step(2, big)  # capped now: the new model must see the scaled buffers
     assert not any(taken)
     step(3)
