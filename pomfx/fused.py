@@ -33,11 +33,15 @@ through ``index_put_``/``index_select``); and for the λ statistics of
 :mod:`pomfx.renorm`, :func:`fold_channel_var` (one read of the layer's input instead of four
 passes of torch reductions); and FG-SGD's jobs of small blocks (1×1 convs, small Linears),
 :func:`block_step`: the whole step of a job in one loop over its blocks, where ~80 torch ops
-per job cost far more than the arithmetic.
+per job cost far more than the arithmetic; the same loop steps kernel layers whose components
+are too large to unroll (5×5, 7×7: :func:`kernel_blocks`), each component a block, after
+:func:`block_bound` has shown that no group's step is capped.
 
 numba is a dependency of pomfx; the unrolled kernel-layer kernels serve components of at most
-``MAX_ELEMENTS`` elements, :func:`block_step` the blocks that :func:`block_fusable` admits, and
-the torch ops run otherwise, on CUDA, under torch.compile (the maps) or with ``POMFX_FUSED=0``.
+``MAX_ELEMENTS`` elements, :func:`block_step` larger kernel components and the blocks that
+:func:`block_fusable` admits, and the torch ops run otherwise (and for a capped step of a
+large-kernel layer whose groups hold several components), on CUDA, under torch.compile (the
+maps) or with ``POMFX_FUSED=0``.
 Each kernel is compiled on first use (a few seconds) and kept in numba's on-disk cache, under
 ``~/.cache/pomfx`` (or ``$POMFX_CACHE``).
 
@@ -65,10 +69,12 @@ __all__ = [
     "available",
     "block_fusable",
     "block_gamma",
+    "block_bound",
     "block_map",
     "block_step",
     "enabled",
     "fold_channel_var",
+    "kernel_blocks",
     "one_pass",
     "phase_a",
     "phase_b",
@@ -79,7 +85,7 @@ __all__ = [
     "within",
 ]
 
-_VERSION = 8  # of the generated source: bump when the generators change
+_VERSION = 9  # of the generated source: bump when the generators change
 MAX_ELEMENTS = 16  # A·B up to which the unrolled kernels are used (3×3, 1×3, 3×1, 2×2, 1×5, ...)
 _CACHE: dict = {}
 
@@ -864,10 +870,10 @@ def fold_channel_var(x: torch.Tensor, running_var: torch.Tensor, weight: float) 
 
 
 # -- FG-SGD on small blocks ---------------------------------------------------------------------
-# One job of block components (n, A, B) of one manifold (``typ`` as in _TYPE_CODE), the whole
-# step of pomfx.optim._update per block, in float64 scratch: a block is its own group, so its
-# step size needs no reduction across blocks. A block whose normal part (or, on euc, gradient)
-# is not finite is left exactly as it was.
+# One job of block components (n, A, B), each of its own manifold (``types`` as in _TYPE_CODE),
+# the whole step of pomfx.optim._update per block, in float64 scratch: a block is its own group,
+# so its step size needs no reduction across blocks. A block whose normal part (or, on euc,
+# gradient) is not finite is left exactly as it was.
 _BLOCK_STEP = """
 @njit(inline="always")
 def _sub_sym(x, y, out, c):
@@ -892,10 +898,11 @@ def _sub_sym(x, y, out, c):
     return ok
 
 
-def kernel(X, G, V, S, srow, typ, cg, wdk, norm_g, mu, nesterov, lr, radius, restep):
+def kernel(X, G, V, S, srow, types, cg, wdk, norm_g, mu, nesterov, lr, radius, restep):
     n, A, B = X.shape
     tiny = 1e-300
     for k in prange(n):
+        typ = types[k]
         x = np.empty((A, B))
         g = np.empty((A, B))
         for i in range(A):
@@ -1048,6 +1055,40 @@ def kernel(X, G, V, S, srow, typ, cg, wdk, norm_g, mu, nesterov, lr, radius, res
 BLOCK_WORK, BLOCK_ELEMENTS = 1 << 16, 1 << 14
 
 
+_BLOCK_BOUND = """
+def kernel(G, V, coef, beta, lim, types):
+    n, A, B = G.shape
+    bad = 0
+    for k in prange(n):
+        g2 = 0.0
+        v2 = 0.0
+        for i in range(A):
+            for j in range(B):
+                g2 += np.float64(G[k, i, j]) * np.float64(G[k, i, j])
+                v2 += np.float64(V[k, i, j]) * np.float64(V[k, i, j])
+        e = coef[k] * np.sqrt(g2) + beta * np.sqrt(v2)
+        bad += 0 if (np.isfinite(e) and e * e <= lim[types[k]]) else 1
+    return bad
+"""
+
+
+def block_bound(G, V, coef, beta: float, lim, types) -> bool:
+    """Whether every block k of ``G`` (n, A, B) has ``e_k² ≤ lim[types[k]]`` for
+    ``e_k = coef_k·‖G_k‖ + β·‖V_k‖`` (float64, ``coef`` (n,)), and all is finite: the bound on
+    a step direction's norm that shows no group's step size capped (``pomfx.optim._KernelJob.
+    _blocks``). One parallel pass over G and V."""
+    g = _np(G)
+    fn = _compiled(("bb", g.dtype.str), lambda: _BLOCK_BOUND, g.dtype)
+    return _run(fn, g, _np(V), _np(coef), float(beta), _np(lim), _np(types)) == 0
+
+
+def kernel_blocks(rows: int, cols: int) -> bool:
+    """Whether :func:`block_step` serves kernel components of (rows × cols), one block each:
+    those too large for the unrolled kernels (5×5, 7×7, ...), where the torch ops' ~80 passes
+    over a layer cost 5-10× more."""
+    return enabled() and not available(rows, cols) and rows * cols * cols <= BLOCK_WORK
+
+
 def block_fusable(manifold: str, count: int, rows: int, cols: int) -> bool:
     """Whether :func:`block_step` serves a job of ``count`` (rows × cols) blocks of ``manifold``."""
     work = rows * cols * (cols if manifold == "st" else 1)
@@ -1061,7 +1102,7 @@ def block_step(
     V,
     S,
     srow: bool,
-    typ: int,
+    types,
     cg,
     wdk,
     norm_g,
@@ -1073,10 +1114,12 @@ def block_step(
 ) -> None:
     """One FG-SGD step of the blocks ``X`` (n, A, B) in place (and of their momentum ``V``),
     the formulas of :func:`pomfx.optim._update`: ``G`` the raw gradient, ``S`` (n, A) or (n, B)
-    its scale 1/R² along the rows (``srow``) or columns, ``cg`` (n,) the gradient's coefficient
-    (sign × damping), ``wdk`` (n,) euc's weight decay × damping, ``norm_g`` (n,) ‖ω‖_F of each
-    block. For jobs of small blocks, whose ~80 torch ops per step cost far more than their
-    arithmetic."""
+    its scale 1/R² along the rows (``srow``) or columns, ``types`` (n,) int8 each block's
+    manifold, ``cg`` (n,) the gradient's coefficient (sign × damping), ``wdk`` (n,) euc's weight
+    decay × damping, ``norm_g`` (n,) ‖ω‖_F of each block. For jobs of small blocks, whose ~80
+    torch ops per step cost far more than their arithmetic, and for kernel components too large
+    for the unrolled kernels (5×5, 7×7: X, G, V are then (N, A, B) views of the structure of
+    arrays)."""
     x = _np(X)
     fn = _compiled(("bs", x.dtype.str), lambda: _BLOCK_STEP, x.dtype)
     _run(
@@ -1086,7 +1129,7 @@ def block_step(
         _np(V),
         _np(S),
         srow,
-        typ,
+        _np(types),
         _np(cg),
         _np(wdk),
         _np(norm_g),

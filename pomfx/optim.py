@@ -61,7 +61,8 @@ with the group step sizes between them, or, when a per-component bound shows tha
 step can be capped (the usual case), the whole step in one pass over ω, g and v. Block layers
 (K = 1) are bucketed: same manifold and shape, across layers, one :class:`_Job`; on a CPU a job of
 small blocks runs as one numba loop (:func:`pomfx.fused.block_step`, the same formulas per
-block, in float64). On CPU, work is cut into chunks of about ``chunk`` elements so that its
+block, in float64), and so does a kernel layer whose components are too large for the unrolled
+kernels (5×5, 7×7), each component a block, where no group's step is capped. On CPU, work is cut into chunks of about ``chunk`` elements so that its
 passes run in cache, temporaries live in persistent workspaces (fresh large allocations
 page-fault on every step), and a non-finite check costs one reduction; on CUDA ("batched" mode)
 all kernel layers of a shape form one job, run in one chunk with the same elementwise ops
@@ -73,6 +74,7 @@ syncs with the host: the step is bound by the launches it issues there
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable, Iterable
 
@@ -452,6 +454,7 @@ class _Job(_GroupNorms):
         # R broadcast differently in different segments (batched mode): g scaled segment by segment
         self.prescale = len({s.p.pom.layout.scale_probes[s.bi].shape[1:] for s in segs}) > 1
         # small blocks on a CPU: the whole step in one numba loop (pomfx.fused.block_step)
+        self._types = None  # (n,) int8 manifold codes, for block_step
         self.fusable = (
             not self.cuda
             and self.gid is None
@@ -463,15 +466,13 @@ class _Job(_GroupNorms):
         """:func:`_update` by :func:`pomfx.fused.block_step`: the same formulas, per block."""
         n = x.shape[0]
         k = 1.0 if hy.mu == 0 or hy.nesterov else _damp_factor(first, hy.damp, x)
-        k = torch.as_tensor(k, dtype=torch.float64).expand(n).contiguous()
-        cg = k * (-1.0 if hy.maximize else 1.0)
-        wdk = k * (hy.wd if self.manifold == "euc" else 0.0)
-        srow = s.shape[2] == 1
-        # without momentum the kernel neither reads nor writes V: x stands in for it
-        fused.block_step(
-            x, g.contiguous(), x if v is None else v, s.reshape(n, -1).contiguous(), srow,
-            _TYPE_CODE[self.manifold], cg, wdk, self.norm_g, hy.mu, hy.nesterov, hy.lr, hy.radius, _RESTEP,
-        )  # fmt: skip
+        if self._types is None:
+            self._types = torch.full((n,), _TYPE_CODE[self.manifold], dtype=torch.int8)
+        cg, wdk = _block_coefs(k, n, self.manifold == "euc", hy)
+        S = s.reshape(n, -1).contiguous()
+        _block_step(
+            x, g.contiguous(), v, S, s.shape[2] == 1, self._types, cg, wdk, self.norm_g, hy, hy.radius
+        )
 
     def _cat(self, tensors: list[Tensor]) -> Tensor:
         a, b = self.rows, self.cols
@@ -586,6 +587,10 @@ class _KernelJob(_GroupNorms):
         self.chunks = [(i, min(i + step, self.n)) for i in range(0, self.n, step)]
         self.nc = min(step, self.n)
         self.ws = _Workspace()
+        # components too large for the unrolled kernels: numba's block step, one block each
+        self.blockwise = not self.cuda and fused.kernel_blocks(self.a, self.b)
+        if self.blockwise:
+            self.euc = (types == _TYPE_CODE["euc"]).double()
         self.m: dict = {}  # the current chunk's float masks (see _masks)
         self._vnorm: dict = {}  # layer -> (its buffer, weakly; the buffer's _version; ‖v_c‖ (N,))
 
@@ -605,6 +610,15 @@ class _KernelJob(_GroupNorms):
         self.m = {name: (m[code] if self.has[name] else None) for name, code in _TYPE_CODE.items()}
         self.m["st/2"], self.m["not st"] = m[4], m[5]
 
+    def _comp_norms(self, dt: torch.dtype) -> Tensor:
+        """‖ω_g‖ of each component's group, in component order and ``dt`` (kept): where every
+        component is its own group (``gid`` None) the groups are still numbered apart from
+        the components, so ``norm_g`` is not in component order."""
+        cache = self.__dict__.setdefault("_norm_c", {})
+        if dt not in cache:
+            cache[dt] = self._norms(dt)[self.ids.long()]
+        return cache[dt]
+
     def group_sum(self, t: Tensor) -> Tensor:
         return torch.zeros(self.ng, dtype=t.dtype, device=t.device).index_add_(0, self.gid, t)
 
@@ -621,10 +635,13 @@ class _KernelJob(_GroupNorms):
         a, b, n = self.a, self.b, self.n
         parts = [flat[id(p)] for p in self.params]
         x0 = parts[0][0]
-        if not self.cuda and x0.dtype in (torch.float32, torch.float64) and fused.available(a, b):
+        on_cpu = not self.cuda and x0.dtype in (torch.float32, torch.float64)
+        if on_cpu and fused.available(a, b):
             # fused kernels: layer by layer, no concatenation (one call each costs microseconds)
             view = lambda t: None if t is None else t.view(a, b, -1)  # noqa: E731
             self._run([tuple(view(t) for t in part) for part in parts], first, hy, True)
+            return
+        if on_cpu and self.blockwise and self._blocks(parts, first, hy):
             return
         if len(parts) == 1:
             xf, gf, vf = parts[0]
@@ -639,6 +656,59 @@ class _KernelJob(_GroupNorms):
             dst = [x for x, _, _ in parts] + ([v for _, _, v in parts] if V is not None else [])
             src = list(X.split(self.sizes, 2)) + (list(V.split(self.sizes, 2)) if V is not None else [])
             torch._foreach_copy_([d.view(a, b, -1) for d in dst], src)
+
+    def _blocks(self, parts: list[tuple], first: dict, hy: _Hyper) -> bool:
+        """The step by :func:`pomfx.fused.block_step`, each component a block read in place
+        through an (N, A, B) view of the structure of arrays (components too large for the
+        unrolled kernels: 5×5, 7×7). A block is its own group there: exact where every
+        component is its own group (depthwise convs); otherwise only when no group's step size
+        is capped, which a bound shows first (as in :meth:`_one_pass`, here with ‖u_c‖ ≤
+        α|cg_c|‖g_c‖ + β‖v_c‖: α = 1, β = μ for the heavy ball, α = 1 + μ, β = μ² for
+        Nesterov; :func:`pomfx.fused.block_bound`), and the step is then every group's with
+        r = lr. Returns whether it stepped: not when the bound fails (a capped group, a
+        non-finite gradient), which the torch ops then take."""
+        a, b, n, mu = self.a, self.b, self.n, hy.mu
+        dt = parts[0][0].dtype
+        k = self._damping(first, hy, parts[0][0])
+        s = self.scales()
+        skey, fixed = self._scale_key, not isinstance(k, Tensor)  # k per layer: nothing kept
+        S = self._cache("S", (skey, dt), lambda: s.to(dt).view(n, 1).expand(n, b).contiguous())
+        spans = np.cumsum([0, *self.sizes]).tolist()
+        # (X, G, V) of each layer as (N, A, B) views, and its span of components; no momentum: X for V
+        blocks = lambda *ts: tuple(t.view(a, b, -1).permute(2, 0, 1) for t in ts)  # noqa: E731
+        layers = [
+            (blocks(x, g, x if v is None else v), slice(i, j))
+            for (x, g, v), i, j in zip(parts, spans, spans[1:])
+        ]
+        radius = hy.radius
+        if self.gid is not None:
+            lr = float(hy.lr)
+            scale = hy.radius**2 * (1 - 1 / 64) / lr**2 if lr > 0 else math.inf  # lr = 0: finiteness only
+            lim = torch.tensor([scale, scale * b, scale * b, math.inf], dtype=torch.float64)
+            alpha, beta = (1.0 + mu, mu * mu) if hy.nesterov else (1.0, mu)
+            coef = self._cache("coef", (skey, k, alpha) if fixed else None, lambda: alpha * s.double() * k)
+            for (_, G, V), c in layers:
+                if not fused.block_bound(G, V, coef[c], beta, lim, self.types[c]):
+                    return False
+            radius = math.inf  # every group's cap is 1: each block steps by lr
+        self._vnorm = {}  # the one-pass norms of V (unused here) are stale after any step
+        key = (k, hy.maximize, hy.wd) if fixed else None
+        cg, wdk = self._cache("cg", key, lambda: _block_coefs(k, n, self.euc, hy))
+        norm_c = self._comp_norms(torch.float64)
+        for (X, G, V), c in layers:
+            _block_step(X, G, V, S[c], False, self.types[c], cg[c], wdk[c], norm_c[c], hy, radius)
+        return True
+
+    def _cache(self, name: str, key, make):
+        """``make()``, kept under ``name`` while ``key`` stays the same (``key`` None: not kept)."""
+        kept = self.__dict__.setdefault("_kept", {})
+        hit = kept.get(name)
+        if key is not None and hit is not None and hit[0] == key:
+            return hit[1]
+        value = make()
+        if key is not None:
+            kept[name] = (key, value)
+        return value
 
     def _damping(self, first: dict, hy: _Hyper, like: Tensor):
         """k = 1 − τ (1 on a parameter's first step, and without the heavy ball): a float, or
@@ -817,7 +887,7 @@ class _KernelJob(_GroupNorms):
         # the step size of each group: lr·min(1, δ‖ω_g‖ / (lr‖u_g‖)); Euclidean components: lr
         lr = hy.lr
         qg = q if self.gid is None else self.group_sum(q)
-        norm_g = self._norms(dt)
+        norm_g = self._norms(dt) if self.gid is not None else self._comp_norms(dt)
         f = qg.sqrt().mul_(lr).clamp_min_(1e-30).reciprocal_().mul_(norm_g).mul_(hy.radius)
         f.clamp_(max=1.0)
         if self.gid is not None:
@@ -1241,6 +1311,22 @@ def _retract_transport(man, x, v, h, q, qc, ok, okf, job: _Job, hy: _Hyper) -> N
             if ok is not None:
                 c.mul_(okf.view(n, 1, 1))
             _sub_mm_(v, x, c, small)
+
+
+def _block_step(X, G, V, S, srow: bool, types, cg, wdk, norm_g, hy: _Hyper, radius: float) -> None:
+    """:func:`pomfx.fused.block_step` with the group's hyperparameters. Without momentum the
+    kernel neither reads nor writes V: X stands in for it."""
+    V = X if V is None else V
+    fused.block_step(X, G, V, S, srow, types, cg, wdk, norm_g, hy.mu, hy.nesterov, hy.lr, radius, _RESTEP)
+
+
+def _block_coefs(k, n: int, euc, hy: _Hyper) -> tuple[Tensor, Tensor]:
+    """:func:`pomfx.fused.block_step`'s coefficients, float64 (n,): the gradient's ``cg = ±k``
+    (its sign, and the damping factor k: a float or (n,)) and euc's weight decay ``wd·k``
+    (``euc``: whether the blocks are euc, a bool or an (n,) float mask)."""
+    k = torch.as_tensor(k, dtype=torch.float64).expand(n)
+    cg = (k * (-1.0 if hy.maximize else 1.0)).contiguous()
+    return cg, (k * (hy.wd * torch.as_tensor(euc, dtype=torch.float64))).expand(n).contiguous()
 
 
 def _damp_factor(first, damp: float, x: Tensor):

@@ -37,6 +37,24 @@ def small_net(manifolds="sp+ob+st", seed=0, dtype=torch.float32, everything=True
     return pomfx.convert(m, scheme="pio", manifolds=manifolds, seed=seed, include=include)
 
 
+def large_kernel_net(manifolds="sp+ob+st", seed=0, dtype=torch.float32, everything=True):
+    """5×5 and 7×7 kernels, too large for the unrolled kernels (``fused.kernel_blocks``): convs
+    whose groups hold several components, a depthwise one (every component its own group)."""
+    torch.manual_seed(seed)
+    m = nn.Sequential(
+        nn.Conv2d(3, 8, 5, padding=2), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 5, padding=2, groups=8), nn.ReLU(),
+        nn.Conv2d(8, 6, 7, padding=3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(6, 4),
+    )  # fmt: skip
+    m = m.to(dtype)
+    include = [nn.Conv2d, nn.Linear] if everything else None
+    return pomfx.convert(m, scheme="pio", manifolds=manifolds, seed=seed, include=include)
+
+
+NETS = {"small": small_net, "large-kernels": large_kernel_net}
+
+
 def components(model):
     """{(layer, bucket index): (count, A, B) components} of every converted layer."""
     out = {}
@@ -101,13 +119,18 @@ CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("batched", [False, True], ids=["chunked", "batched"])
+@pytest.mark.parametrize("net", NETS)
+@pytest.mark.parametrize("mode", ["chunked", "torch-ops", "batched"])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(map(str, c)))
-def test_step_matches_reference_float64(cfg, batched):
-    """The step, as run on CPU (layers cut into chunks) and as run on CUDA (layers side by side,
+def test_step_matches_reference_float64(cfg, mode, net, monkeypatch):
+    """The step, as run on CPU (layers cut into chunks: numba's kernels, 5×5 and 7×7 kernels as
+    blocks; or, with ``POMFX_FUSED=0``, the torch ops) and as run on CUDA (layers side by side,
     batched small-matrix ops, no host sync), is Algorithm 1 written out per bucket (float64)."""
     manifolds, mu, damp, nest, wd, maxi, lr = cfg
-    model = small_net(manifolds, dtype=torch.float64)
+    batched = mode == "batched"
+    if mode == "torch-ops":
+        monkeypatch.setenv("POMFX_FUSED", "0")
+    model = NETS[net](manifolds, dtype=torch.float64)
     opt = pomfx.FGSGD(
         model.parameters(),
         lr=lr,
@@ -322,11 +345,12 @@ def _group_elements(pom, omega):
     return mask
 
 
+@pytest.mark.parametrize("net", NETS)
 @pytest.mark.parametrize("batched", [False, True], ids=["chunked", "batched"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_nonfinite_gradient_skips_its_group_only(bad, batched):
+def test_nonfinite_gradient_skips_its_group_only(bad, batched, net):
     """(batched: the CUDA path, where no host sync decides anything: masks only)"""
-    model = small_net()
+    model = NETS[net]()
     opt = pomfx.FGSGD(model.parameters(), lr=0.1, momentum=0.9)
     opt._batched = batched
     for p in model.parameters():
@@ -575,18 +599,20 @@ def test_bad_arguments():
 
 
 # -- fused CPU kernels (numba) -------------------------------------------------------------------------
+@pytest.mark.parametrize("net", NETS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("momentum,nesterov", [(0.0, False), (0.9, False), (0.9, True)])
 @pytest.mark.parametrize("manifolds", ["sp+ob+st", "sp+ob+st+euc"])
-def test_fused_kernels_match_torch_kernels(manifolds, momentum, nesterov, dtype, monkeypatch):
-    """pomfx.fused (one generated, vectorised loop per phase; one loop per job of small blocks)
-    computes what _KernelJob's and _update's torch ops compute: every mode, a large step
-    (Cholesky-QR twice), a group with a NaN gradient."""
+def test_fused_kernels_match_torch_kernels(manifolds, momentum, nesterov, dtype, net, monkeypatch):
+    """pomfx.fused (one generated, vectorised loop per phase; one loop per job of small blocks,
+    and per kernel layer of 5×5 or 7×7 components) computes what _KernelJob's and _update's
+    torch ops compute: every mode, a large step (Cholesky-QR twice, capped groups), a group
+    with a NaN gradient."""
     assert fused.available(3, 3), "numba is a dependency of pomfx"
     calls = []
     monkeypatch.setattr(fused, "phase_b", lambda *a, f=fused.phase_b: calls.append("b") or f(*a))
     monkeypatch.setattr(fused, "block_step", lambda *a, f=fused.block_step: calls.append("blocks") or f(*a))
-    ref = small_net(manifolds, dtype=dtype)
+    ref = NETS[net](manifolds, dtype=dtype)
     new = copy.deepcopy(ref)
     kw = dict(lr=0.1, momentum=momentum, nesterov=nesterov, weight_decay=1e-3)
     o_ref, o_new = pomfx.FGSGD(ref.parameters(), **kw), pomfx.FGSGD(new.parameters(), **kw)
@@ -601,7 +627,7 @@ def test_fused_kernels_match_torch_kernels(manifolds, momentum, nesterov, dtype,
             m.setenv("POMFX_FUSED", "0")
             o_ref.step()
         o_new.step()
-    assert {"b", "blocks"} <= set(calls), "the fused kernels did not run"
+    assert {"b" if net == "small" else "blocks", "blocks"} <= set(calls), "the fused kernels did not run"
     rtol = 1e-5 if dtype == torch.float32 else 1e-11  # of each tensor's largest entry: rounding only
 
     def close(x, y):
@@ -651,6 +677,34 @@ def test_one_pass_step_is_the_two_phase_step(manifolds, momentum, dampening, dty
             if momentum:
                 assert torch.equal(o_ref.state[a]["momentum_buffer"], o_new.state[b]["momentum_buffer"])
     assert taken.count("one") >= 3 and taken.count("two") >= 3, taken
+
+
+def test_large_kernels_step_as_blocks(monkeypatch):
+    """5×5 and 7×7 kernel layers step by numba's block step (each component a block): always
+    where every component is its own group (depthwise: the block's own cap is its group's),
+    and where groups hold several components while the bound shows no cap; a capped step takes
+    the torch ops. (That both give the reference step: test_step_matches_reference_float64.)"""
+    from pomfx.optim import _KernelJob
+
+    taken = []
+    blocks = _KernelJob._blocks
+    monkeypatch.setattr(
+        _KernelJob,
+        "_blocks",
+        lambda job, *a: taken.append((job.gid is None, blocks(job, *a))) or taken[-1][1],
+    )
+    model = large_kernel_net()
+    opt = pomfx.FGSGD(model.parameters(), lr=0.1, momentum=0.9)
+    for scale in (1e-3, 1e3):
+        taken.clear()
+        for p in model.parameters():
+            p.grad = torch.randn_like(p) * scale
+        opt.step()
+        own = [ok for single, ok in taken if single]
+        shared = [ok for single, ok in taken if not single]
+        assert own == [True] and len(shared) == 2, taken  # the depthwise conv, the two others
+        assert all(shared) == (scale < 1), taken  # a huge gradient caps: the torch ops
+    assert max(pomfx.constraint_error(model).values()) < 1e-5
 
 
 def test_one_pass_reads_a_changed_momentum_buffer_afresh(monkeypatch):
