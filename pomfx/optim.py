@@ -62,9 +62,10 @@ step can be capped (the usual case), the whole step in one pass over ω, g and v
 (K = 1) are bucketed: same manifold and shape, across layers, one :class:`_Job`; on a CPU a job of
 small blocks runs as one numba loop (:func:`pomfx.fused.block_step`, the same formulas per
 block, in float64), and so does a kernel layer whose components are too large for the unrolled
-kernels (5×5, 7×7), each component a block, where no group's step is capped. On CPU, work is cut into chunks of about ``chunk`` elements so that its
-passes run in cache, temporaries live in persistent workspaces (fresh large allocations
-page-fault on every step), and a non-finite check costs one reduction; on CUDA ("batched" mode)
+kernels (5×5, 7×7), each component a block, where no group's step is capped. On CPU, work
+is cut into chunks of about ``chunk`` elements so that its passes run in cache, temporaries
+live in persistent workspaces (fresh large allocations page-fault on every step), and a
+non-finite check costs one reduction; on CUDA ("batched" mode)
 all kernel layers of a shape form one job, run in one chunk with the same elementwise ops
 (batched matmuls and cuSOLVER's batched Cholesky on 3×3 matrices measured 20× slower on an
 H100), all blocks of a shape another (the manifolds' own pieces range by range), and nothing
@@ -741,11 +742,8 @@ class _KernelJob(_GroupNorms):
         n, X = self.n, segs[0][0]
         ws, mu = self.ws, hy.mu
         k = self._damping(first, hy, X)
-        cg = torch.mul(s, (-1.0 if hy.maximize else 1.0) * k, out=ws.get("cg", (n,), X))
-        mu_n = ws.get("mu", (n,), X).fill_(mu)
-        wd_n = ws.get("wd", (n,), X).zero_()
-        if hy.wd and self.has["euc"]:
-            wd_n.add_(hy.wd * k)  # times the euc mask, in the kernel
+        key = None if isinstance(k, Tensor) else (self._scale_key, X.dtype, k, hy.maximize, mu, hy.wd)
+        cg, mu_n, wd_n = self._cache("fused", key, lambda: self._coefs(s, k, hy))
         if self._one_pass(segs, spans, cg, mu_n, wd_n, hy, vnorm):
             return True
         q = ws.get("q", (n,), X)
@@ -766,6 +764,17 @@ class _KernelJob(_GroupNorms):
             u, v = u.view(x.shape), v if transport else None
             fused.phase_b(x, u, v, h[i:j], self.types[i:j], ok[i:j], reps, transport, u)
         return True
+
+    def _coefs(self, s: Tensor, k, hy: _Hyper) -> tuple[Tensor, Tensor, Tensor]:
+        """The fused kernels' per-component coefficients (N,): the gradient's ``cg = ±k/R²``, the
+        momentum μ and euc's weight decay ``wd·k`` (the kernels mask it to euc components).
+        Fresh tensors: they are kept from step to step (only the kernels read them)."""
+        cg = s * ((-1.0 if hy.maximize else 1.0) * k)
+        mu_n = torch.full_like(cg, hy.mu)
+        wd_n = torch.zeros_like(cg)
+        if hy.wd and self.has["euc"]:
+            wd_n.add_(hy.wd * k)
+        return cg, mu_n, wd_n
 
     def _one_pass(
         self, segs: list[tuple], spans: list, cg: Tensor, mu_n: Tensor, wd_n: Tensor, hy: _Hyper, vnorm: dict
