@@ -1118,8 +1118,8 @@ def block_step(
     manifold, ``cg`` (n,) the gradient's coefficient (sign × damping), ``wdk`` (n,) euc's weight
     decay × damping, ``norm_g`` (n,) ‖ω‖_F of each block. For jobs of small blocks, whose ~80
     torch ops per step cost far more than their arithmetic, and for kernel components too large
-    for the unrolled kernels (5×5, 7×7: X, G, V are then (N, A, B) views of the structure of
-    arrays)."""
+    for the unrolled kernels (5×5, 7×7: X, G, V are then (N, A, B) copies of the structure of
+    arrays, contiguous like the blocks, so that the kernel compiles once)."""
     x = _np(X)
     fn = _compiled(("bs", x.dtype.str), lambda: _BLOCK_STEP, x.dtype)
     _run(

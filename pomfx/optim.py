@@ -659,15 +659,15 @@ class _KernelJob(_GroupNorms):
             torch._foreach_copy_([d.view(a, b, -1) for d in dst], src)
 
     def _blocks(self, parts: list[tuple], first: dict, hy: _Hyper) -> bool:
-        """The step by :func:`pomfx.fused.block_step`, each component a block read in place
-        through an (N, A, B) view of the structure of arrays (components too large for the
-        unrolled kernels: 5×5, 7×7). A block is its own group there: exact where every
-        component is its own group (depthwise convs); otherwise only when no group's step size
-        is capped, which a bound shows first (as in :meth:`_one_pass`, here with ‖u_c‖ ≤
-        α|cg_c|‖g_c‖ + β‖v_c‖: α = 1, β = μ for the heavy ball, α = 1 + μ, β = μ² for
-        Nesterov; :func:`pomfx.fused.block_bound`), and the step is then every group's with
-        r = lr. Returns whether it stepped: not when the bound fails (a capped group, a
-        non-finite gradient), which the torch ops then take."""
+        """The step by :func:`pomfx.fused.block_step`, each component a block of an (N, A, B) copy of
+        the structure of arrays (components too large for the unrolled kernels: 5×5, 7×7; such
+        layers are small, and the copies cost microseconds). A block is its own group there: exact
+        where every component is its own group (depthwise convs); otherwise only when no group's
+        step size is capped, which a bound shows first (as in :meth:`_one_pass`, here with ‖u_c‖ ≤
+        α|cg_c|‖g_c‖ + β‖v_c‖: α = 1, β = μ for the heavy ball, α = 1 + μ, β = μ² for Nesterov;
+        :func:`pomfx.fused.block_bound`), and the step is then every group's with r = lr. Returns
+        whether it stepped: not when the bound fails (a capped group, a non-finite gradient), which
+        the torch ops then take."""
         a, b, n, mu = self.a, self.b, self.n, hy.mu
         dt = parts[0][0].dtype
         k = self._damping(first, hy, parts[0][0])
@@ -675,8 +675,9 @@ class _KernelJob(_GroupNorms):
         skey, fixed = self._scale_key, not isinstance(k, Tensor)  # k per layer: nothing kept
         S = self._cache("S", (skey, dt), lambda: s.to(dt).view(n, 1).expand(n, b).contiguous())
         spans = np.cumsum([0, *self.sizes]).tolist()
-        # (X, G, V) of each layer as (N, A, B) views, and its span of components; no momentum: X for V
-        blocks = lambda *ts: tuple(t.view(a, b, -1).permute(2, 0, 1) for t in ts)  # noqa: E731
+        # (X, G, V) of each layer as contiguous (N, A, B) copies (block_step's kernel compiles once,
+        # for the block layers' contiguous blocks), and its span of components; no momentum: X for V
+        blocks = lambda *ts: tuple(t.view(a, b, -1).permute(2, 0, 1).contiguous() for t in ts)  # noqa: E731
         layers = [
             (blocks(x, g, x if v is None else v), slice(i, j))
             for (x, g, v), i, j in zip(parts, spans, spans[1:])
@@ -696,8 +697,11 @@ class _KernelJob(_GroupNorms):
         key = (k, hy.maximize, hy.wd) if fixed else None
         cg, wdk = self._cache("cg", key, lambda: _block_coefs(k, n, self.euc, hy))
         norm_c = self._comp_norms(torch.float64)
-        for (X, G, V), c in layers:
+        for ((X, G, V), c), (x, _, v) in zip(layers, parts):
             _block_step(X, G, V, S[c], False, self.types[c], cg[c], wdk[c], norm_c[c], hy, radius)
+            x.view(a, b, -1).copy_(X.permute(1, 2, 0))
+            if v is not None:
+                v.view(a, b, -1).copy_(V.permute(1, 2, 0))
         return True
 
     def _cache(self, name: str, key, make):
