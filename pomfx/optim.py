@@ -481,22 +481,30 @@ class _Job(_GroupNorms):
             return tensors[0].view(-1, a, b)
         return torch.cat(tensors).view(-1, a, b)
 
-    def scales(self) -> Tensor | list[Tensor]:
-        """s = 1/R²: (n, A, 1) or (n, 1, B), broadcasting over the blocks' output channels; a
-        list of the segments' own with ``prescale``. Cached until a layer's scales change."""
+    def scales(self) -> Tensor | tuple[Tensor, Tensor]:
+        """s = 1/R²: (n, A, 1) or (n, 1, B), broadcasting over the blocks' output channels; with
+        ``prescale``, the pair of factors (n, A, 1) and (n, 1, B) whose product is every
+        segment's own (each segment's s in one of them, 1 in the other: exact). Cached until a
+        layer's scales change."""
         key = tuple(s.p.pom._scale_key() for s in self.segs)
         if key != self._scale_key:
             own = [s.p.pom.lr_scale()[s.bi][s.c0 : s.c1] for s in self.segs]
-            self._scale = own if self.prescale else own[0] if len(own) == 1 else torch.cat(own)
+            if self.prescale:
+                a, b = self.rows, self.cols
+                along_rows = [t.shape[2] == 1 for t in own]
+                rows = [t if r else t.new_ones(t.shape[0], a, 1) for t, r in zip(own, along_rows)]
+                cols = [t.new_ones(t.shape[0], 1, b) if r else t for t, r in zip(own, along_rows)]
+                self._scale = (torch.cat(rows), torch.cat(cols))
+            else:
+                self._scale = own[0] if len(own) == 1 else torch.cat(own)
             self._scale_key = key
         return self._scale
 
-    def _scaled_grad(self, gs: list[Tensor], like: Tensor) -> Tensor:
-        """``s ⊙ g`` of the job, segment by segment into one (n, A, B) tensor (``prescale``)."""
-        out = like.new_empty(like.shape)
-        for g, s, o in zip(gs, self.scales(), out.view(-1).split([t.numel() for t in gs])):
-            torch.mul(g.view(-1, self.rows, self.cols), s, out=o.view(-1, self.rows, self.cols))
-        return out
+    def _scaled_grad(self, gs: list[Tensor]) -> Tensor:
+        """``s ⊙ g`` of the job as one new (n, A, B) tensor (``prescale``: several segments, R
+        broadcast differently among them): three launches, whatever the number of segments."""
+        rows, cols = self.scales()
+        return torch.cat(gs).view(-1, self.rows, self.cols).mul_(rows).mul_(cols)
 
     def run(self, flat: dict, first: dict, hy: _Hyper) -> None:
         segs = self.segs
@@ -512,7 +520,7 @@ class _Job(_GroupNorms):
         else:
             k_first = torch.cat([torch.full((s.count,), f, device=x.device) for s, f in zip(segs, firsts)])
         if self.prescale:
-            g, s = self._scaled_grad(gs, x), None
+            g, s = self._scaled_grad(gs), None
         else:
             g, s = self._cat(gs), self.scales()
             if s.dtype != x.dtype:
