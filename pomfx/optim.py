@@ -98,6 +98,9 @@ _CHUNK = 1 << 18  # elements per CPU job: x, grad, momentum and temporaries stay
 _BATCH = 1 << 26  # elements per batched (CUDA) job at most: its copies and temporaries, ~8 × 256 MB
 _SMALL_ROWS, _SMALL_COLS = 16, 8  # components up to this size use elementwise small-matrix ops
 _RESTEP = 0.25  # ‖ξ_c‖² above which the Stiefel Cholesky-QR is done twice
+# kernel components with more columns: their B×B products and Cholesky-QR by batched BLAS,
+# LAPACK or cuSOLVER calls, whose launches do not grow with B, instead of elementwise ops
+_SOA_COLS = 4
 
 
 class FGSGD(Optimizer):
@@ -1017,11 +1020,19 @@ class _KernelJob(_GroupNorms):
         norm = self._typed_norm_(Pd, ws.get("nrm", (b, self.nc), Y)[:, :nc], i, j, dt, False)
         P.mul_(self.m["st"])  # identity outside st: its Cholesky factor is I
         Pd.add_(self.m["not st"])
-        R = _soa_chol_(P, ws.get("C", (b, b, self.nc), Y)[..., :nc], ws.get("d", (b, self.nc), Y)[:, :nc])
+        R = ws.get("C", (b, b, self.nc), Y)[..., :nc]
+        if b > _SOA_COLS:  # batched LAPACK / cuSOLVER: a few launches, not O(B²)
+            R.copy_(torch.linalg.cholesky_ex(P.permute(2, 0, 1), upper=True)[0].permute(1, 2, 0))
+        else:
+            _soa_chol_(P, R, ws.get("d", (b, self.nc), Y)[:, :nc])
         Rd = R.diagonal(0, 0, 1).t()
         Rd.mul_(self.m["st"]).add_(norm)
         if ok is not None:
             R = torch.where(ok, R, torch.eye(b, dtype=dt, device=Y.device).unsqueeze(-1))
+        if b > _SOA_COLS:
+            Yc = Y.permute(2, 0, 1)
+            Y.copy_(right_solve_upper(R.permute(2, 0, 1), Yc).permute(1, 2, 0))
+            return
         for col in range(b):  # forward substitution on the columns: q_j = (y_j − Σ_k<j r_kj q_k) / r_jj
             yj = Y[:, col]
             for kk in range(col):
@@ -1031,6 +1042,8 @@ class _KernelJob(_GroupNorms):
 
 def _soa_tmm(X: Tensor, Y: Tensor, out: Tensor) -> Tensor:
     """XᵀY per component for (A, B, n) X and Y, into ``out`` (B, B, n)."""
+    if X.shape[1] > _SOA_COLS:
+        return out.copy_(torch.bmm(X.permute(2, 1, 0), Y.permute(2, 0, 1)).permute(1, 2, 0))
     torch.mul(X[0].unsqueeze(1), Y[0].unsqueeze(0), out=out)
     for r in range(1, X.shape[0]):
         out.addcmul_(X[r].unsqueeze(1), Y[r].unsqueeze(0))
@@ -1039,6 +1052,9 @@ def _soa_tmm(X: Tensor, Y: Tensor, out: Tensor) -> Tensor:
 
 def _soa_sub_mm_(V: Tensor, X: Tensor, C: Tensor) -> None:
     """V −= X·C per component: (A, B, n) V and X, (B, B, n) C."""
+    if X.shape[1] > _SOA_COLS:
+        V.sub_(torch.bmm(X.permute(2, 0, 1), C.permute(2, 0, 1)).permute(1, 2, 0))
+        return
     for r in range(X.shape[1]):
         V.addcmul_(X[:, r].unsqueeze(1), C[r].unsqueeze(0), value=-1.0)
 

@@ -409,12 +409,13 @@ class _HostSyncs(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("net", NETS)
 @pytest.mark.parametrize("mu, nesterov", [(0.0, False), (0.9, False), (0.9, True)])
-def test_batched_training_step_never_waits_for_the_device(monkeypatch, mu, nesterov):
+def test_batched_training_step_never_waits_for_the_device(monkeypatch, mu, nesterov, net):
     """The CUDA code path (batched FG-SGD, pomfx's torch ops in the forward and backward) decides
     nothing on the host from a tensor's value, finite gradients or not: no host sync."""
     monkeypatch.setenv("POMFX_FUSED", "0")  # the torch ops that CUDA runs
-    model = small_net("sp+ob+st+euc").train()
+    model = NETS[net]("sp+ob+st+euc").train()
     opt = pomfx.FGSGD(model.parameters(), lr=0.1, momentum=mu, nesterov=nesterov, weight_decay=1e-3)
     opt._batched = True
     x = torch.randn(4, 3, 6, 6)
