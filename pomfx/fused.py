@@ -67,9 +67,9 @@ except ImportError:  # pragma: no cover - exercised where numba is absent
 __all__ = [
     "MAX_ELEMENTS",
     "available",
+    "block_bound",
     "block_fusable",
     "block_gamma",
-    "block_bound",
     "block_map",
     "block_step",
     "enabled",
