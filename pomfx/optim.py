@@ -1189,13 +1189,17 @@ def _update(job: _Job, x: Tensor, g: Tensor, v: Tensor | None, s: Tensor, first,
     parts = job.parts
     if s is not None:
         g = g * s  # 1/R² of every element: (n, A, 1) or (n, 1, B), a broadcast over output channels
-    # 1. the normal part of the gradient, whose reduction also tells finite components
+    # 1. the normal part of the gradient, whose reduction also tells finite components (on a
+    # CPU, for free; batched, one sum over g instead: three launches for all the manifolds)
     coefs, fins = [], []
     for man, i, j in parts:
-        a, fin = _normal_coef(man, x[i:j], g[i:j], small)
+        a, fin = _normal_coef(man, x[i:j], g[i:j], small, finite=not job.cuda)
         coefs.append(a)
         fins.append(fin)
-    fin = fins[0] if len(fins) == 1 else torch.cat(fins)
+    if job.cuda:
+        fin = _finite(g.sum((1, 2)))
+    else:
+        fin = fins[0] if len(fins) == 1 else torch.cat(fins)
     if job.gid is not None:
         bad = torch.zeros(job.ng, dtype=torch.int32, device=x.device).index_add_(0, job.gid, (~fin).int())
         ok = bad[job.gid] == 0
@@ -1296,20 +1300,25 @@ def _update(job: _Job, x: Tensor, g: Tensor, v: Tensor | None, s: Tensor, first,
         )
 
 
-def _normal_coef(man: str, x: Tensor, g: Tensor, small: bool) -> tuple[Tensor | None, Tensor]:
+def _normal_coef(
+    man: str, x: Tensor, g: Tensor, small: bool, finite: bool = True
+) -> tuple[Tensor | None, Tensor | None]:
     """The coefficients of the normal part of ``g`` at ``x`` (ωᵀg's trace on sp, its diagonal
-    on ob, the whole B×B product on st, none on euc) and which components they say are finite."""
+    on ob, the whole B×B product on st, none on euc) and which components they say are finite
+    (None unless ``finite``)."""
     n = x.shape[0]
     if man == "sp":
         a = _dot(x, g)
-        return a, _finite(a)
-    if man == "ob":
+    elif man == "ob":
         a = _coldot(x, g, small)
-        return a, _finite(a).all(1)
-    if man == "st":
+    elif man == "st":
         a = _tmm(x, g, small)
-        return a, _finite(a).view(n, -1).all(1)
-    return None, _finite(g).view(n, -1).all(1)
+    else:
+        a = None
+    if not finite:
+        return a, None
+    fin = _finite(g if a is None else a)
+    return a, fin if fin.dim() == 1 else fin.view(n, -1).all(1)
 
 
 def _retract_transport(man, x, v, h, q, qc, ok, okf, job: _Job, hy: _Hyper) -> None:
