@@ -608,7 +608,12 @@ class _KernelJob(_GroupNorms):
 
     def _masks(self, i: int, j: int, like: Tensor) -> None:
         """Float masks of components [i, j) into a workspace: ``sp``, ``ob``, ``st``, ``euc``
-        (None for a manifold the layer does not use), ``st/2`` and ``not st``."""
+        (None for a manifold the layer does not use), ``st/2`` and ``not st``. A job of one
+        chunk (batched mode) keeps them from phase to phase and step to step: eight launches
+        each time otherwise."""
+        key = (i, j, like.dtype, like.device)
+        if len(self.chunks) == 1 and self.__dict__.get("_mask_key") == key:
+            return
         nc, ws = j - i, self.ws
         codes = self.ws.get("codes", (4, 1), self.types)
         codes.copy_(torch.arange(4, device=self.types.device).view(4, 1))
@@ -621,6 +626,7 @@ class _KernelJob(_GroupNorms):
         m[5].fill_(1.0).sub_(m[2])
         self.m = {name: (m[code] if self.has[name] else None) for name, code in _TYPE_CODE.items()}
         self.m["st/2"], self.m["not st"] = m[4], m[5]
+        self._mask_key = key
 
     def _comp_norms(self, dt: torch.dtype) -> Tensor:
         """‖ω_g‖ of each component's group, in component order and ``dt`` (kept): where every
