@@ -42,8 +42,8 @@ numba is a dependency of pomfx; the unrolled kernel-layer kernels serve componen
 :func:`block_fusable` admits, and the torch ops run otherwise (and for a capped step of a
 large-kernel layer whose groups hold several components), on CUDA, under torch.compile (the
 maps) or with ``POMFX_FUSED=0``.
-Each kernel is compiled on first use (a few seconds) and kept in numba's on-disk cache, under
-``~/.cache/pomfx`` (or ``$POMFX_CACHE``).
+Each kernel is compiled on first use (seconds; ~15 s for block_step) and kept in numba's on-disk
+cache, under ``~/.cache/pomfx`` (or ``$POMFX_CACHE``).
 
 Vectorisation is checked in the assembly (``vsqrtps``/``vfmadd…ps``): a load from a bool array in
 the loop body stopped it (phase B 5× slower), hence the int8 ``ok``.
