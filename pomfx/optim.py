@@ -599,6 +599,8 @@ class _KernelJob(_GroupNorms):
         self.chunks = [(i, min(i + step, self.n)) for i in range(0, self.n, step)]
         self.nc = min(step, self.n)
         self.ws = _Workspace()
+        starts = np.cumsum([0, *self.sizes]).tolist()
+        self.spans = list(zip(starts, starts[1:]))  # each layer's components
         # components too large for the unrolled kernels: numba's block step, one block each
         self.blockwise = not self.cuda and fused.kernel_blocks(self.a, self.b)
         if self.blockwise:
@@ -691,13 +693,11 @@ class _KernelJob(_GroupNorms):
         s = self.scales()
         skey, fixed = self._scale_key, not isinstance(k, Tensor)  # k per layer: nothing kept
         S = self._cache("S", (skey, dt), lambda: s.to(dt).view(n, 1).expand(n, b).contiguous())
-        spans = np.cumsum([0, *self.sizes]).tolist()
         # (X, G, V) of each layer as contiguous (N, A, B) copies (block_step's kernel compiles once,
         # for the block layers' contiguous blocks), and its span of components; no momentum: X for V
         blocks = lambda *ts: tuple(t.view(a, b, -1).permute(2, 0, 1).contiguous() for t in ts)  # noqa: E731
         layers = [
-            (blocks(x, g, x if v is None else v), slice(i, j))
-            for (x, g, v), i, j in zip(parts, spans, spans[1:])
+            (blocks(x, g, x if v is None else v), slice(i, j)) for (x, g, v), (i, j) in zip(parts, self.spans)
         ]
         radius = hy.radius
         if self.gid is not None:
@@ -814,26 +814,33 @@ class _KernelJob(_GroupNorms):
         the norms)."""
         lr = float(hy.lr)
         X = segs[0][0]
-        big = float(torch.finfo(X.dtype).max)
-        cap = [hy.radius**2, hy.radius**2 * self.b, hy.radius**2 * self.b, big]  # sp, ob, st, euc
-        if self.full:
-            cap = [min(c, _RESTEP) for c in cap]
-        scale = (1 - 1 / 64) / lr**2 if lr > 0 else big
-        lim = torch.tensor([min(c * scale, big) for c in cap], dtype=X.dtype)
+        lim = self._cache("lim", (lr, hy.radius, X.dtype), lambda: self._limits(lr, hy.radius, X.dtype))
         decay = bool(hy.wd) and self.has["euc"] and self.full  # euc's ‖u‖ counts for the Cholesky-QR rule
         bufs = [None if v is None else v if v._base is None else v._base for _, _, v in segs]  # the buffers
-        for k, ((x, g, v), (i, j)) in enumerate(zip(segs, spans)):
+        # each layer's coefficients (a CPU job is one layer: the whole tensors, no slicing)
+        coefs = [(cg, mu_n, wd_n, self.types)] if len(segs) == 1 else [
+            (cg[i:j], mu_n[i:j], wd_n[i:j], self.types[i:j]) for i, j in spans]  # fmt: skip
+        for k, ((x, g, v), c) in enumerate(zip(segs, coefs)):
             ref, version, norms = vnorm.get(k, (None, None, None))
             fresh = ref is not None and ref() is bufs[k] and bufs[k]._version == version
-            vn = norms if fresh else None
-            if not fused.within(x, g, v, cg[i:j], mu_n[i:j], wd_n[i:j], self.types[i:j], lim, decay, vn):
+            if not fused.within(x, g, v, *c, lim, decay, norms if fresh else None):
                 return False
-        for k, ((x, g, v), (i, j)) in enumerate(zip(segs, spans)):
-            norms = None if v is None else self.ws.get(f"vnorm{k}", (j - i,), x)
-            fused.one_pass(x, g, v, cg[i:j], mu_n[i:j], wd_n[i:j], self.types[i:j], lr, norms)
+        for k, ((x, g, v), c) in enumerate(zip(segs, coefs)):
+            norms = None if v is None else self.ws.get(f"vnorm{k}", (c[0].numel(),), x)
+            fused.one_pass(x, g, v, *c, lr, norms)
             if norms is not None:
                 self._vnorm[k] = (weakref.ref(bufs[k]), bufs[k]._version, norms)
         return True
+
+    def _limits(self, lr: float, radius: float, dt: torch.dtype) -> Tensor:
+        """The one-pass bound's limit on e_c² per manifold (sp, ob, st, euc): δ²‖ω_c‖²/lr² (and
+        ``_RESTEP``/lr² with Stiefel components) less a 1/64 margin for rounding."""
+        big = float(torch.finfo(dt).max)
+        cap = [radius**2, radius**2 * self.b, radius**2 * self.b, big]
+        if self.full:
+            cap = [min(c, _RESTEP) for c in cap]
+        scale = (1 - 1 / 64) / lr**2 if lr > 0 else big
+        return torch.tensor([min(c * scale, big) for c in cap], dtype=dt)
 
     def _run(self, segs: list[tuple], first: dict, hy: _Hyper, fuse: bool) -> None:
         """The step on ``segs``: ``(X, G, V)`` (A, B, ·) triples covering the job's N components in
@@ -846,8 +853,7 @@ class _KernelJob(_GroupNorms):
         s = self.scales()
         if s.dtype != dt:
             s = s.to(dt)
-        starts = np.cumsum([0, *self.sizes[:-1]]).tolist()
-        spans = [(o, o + m) for o, m in zip(starts, self.sizes)] if fuse else [(0, n)]
+        spans = self.spans if fuse else [(0, n)]
         vnorm, self._vnorm = self._vnorm, {}  # any step below rewrites V: only one_pass renews it
         if fuse and not nesterov and self._fused_step(segs, spans, first, hy, s, vnorm):
             return
