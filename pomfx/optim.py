@@ -634,10 +634,7 @@ class _KernelJob(_GroupNorms):
         """‖ω_g‖ of each component's group, in component order and ``dt`` (kept): where every
         component is its own group (``gid`` None) the groups are still numbered apart from
         the components, so ``norm_g`` is not in component order."""
-        cache = self.__dict__.setdefault("_norm_c", {})
-        if dt not in cache:
-            cache[dt] = self._norms(dt)[self.ids.long()]
-        return cache[dt]
+        return self._cache("norm_c", dt, lambda: self._norms(dt)[self.ids.long()])
 
     def group_sum(self, t: Tensor) -> Tensor:
         return torch.zeros(self.ng, dtype=t.dtype, device=t.device).index_add_(0, self.gid, t)
@@ -1042,8 +1039,7 @@ class _KernelJob(_GroupNorms):
         if ok is not None:
             R = torch.where(ok, R, torch.eye(b, dtype=dt, device=Y.device).unsqueeze(-1))
         if b > _SOA_COLS:
-            Yc = Y.permute(2, 0, 1)
-            Y.copy_(right_solve_upper(R.permute(2, 0, 1), Yc).permute(1, 2, 0))
+            Y.copy_(right_solve_upper(R.permute(2, 0, 1), Y.permute(2, 0, 1)).permute(1, 2, 0))
             return
         for col in range(b):  # forward substitution on the columns: q_j = (y_j − Σ_k<j r_kj q_k) / r_jj
             yj = Y[:, col]
