@@ -308,7 +308,19 @@ def test_a_block_layer_keeps_eight_bytes_per_weight_besides_omega(scheme):
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(
-    "shape", [(12, 10, 3, 3), (6, 8, 1, 3), (5, 7, 1, 3), (6, 5, 4, 2), (8, 4, 5), (24, 40, 1, 1), (40, 24)]
+    # kernels: tiles of 64 components and a remainder, or a remainder only
+    "shape",
+    [
+        (12, 10, 3, 3),
+        (20, 7, 3, 3),
+        (6, 8, 1, 3),
+        (9, 8, 1, 3),
+        (5, 7, 1, 3),
+        (6, 5, 4, 2),
+        (8, 4, 5),
+        (24, 40, 1, 1),
+        (40, 24),
+    ],
 )
 def test_fused_maps_equal_the_torch_ops(shape, dtype):
     """The one-pass CPU kernels of pomfx.fused against the torch ops they replace (those of CUDA
