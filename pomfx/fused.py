@@ -472,7 +472,8 @@ def scale_from_weight(
     o = out.view(k, n)
     if whole:
         g = _np(G)
-        fn = _compiled(("g", a, b, transpose, _TILE, g.dtype.str), lambda: _source_g(a, b, transpose), g.dtype)
+        key = ("g", a, b, transpose, _TILE, g.dtype.str)
+        fn = _compiled(key, lambda: _source_g(a, b, transpose), g.dtype)
         tiles = whole // _TILE
         _run(
             fn,
