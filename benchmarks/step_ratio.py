@@ -178,9 +178,9 @@ def _minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def time_steps(args) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
-    """Each variant's step times (s) and, on CPU, its minor page faults a step (fresh pages the
-    allocator had given back: each costs microseconds)."""
+def time_steps(args) -> tuple[dict[str, list[float]], dict[str, list[int]], dict[str, list[int]]]:
+    """Each variant's step times (s), on CPU its minor page faults a step (fresh pages the
+    allocator had given back: each costs microseconds), and the round of each step."""
     x, y = batch(args)
     steps = {}
     for v in args.variants:
@@ -195,6 +195,7 @@ def time_steps(args) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
     sync(args.device)
     times: dict[str, list[float]] = {v: [] for v in args.variants}
     faults: dict[str, list[int]] = {v: [] for v in args.variants}
+    rounds: dict[str, list[int]] = {v: [] for v in args.variants}
     t_start = time.perf_counter()
     for r in range(args.rounds):
         order = args.variants[r % len(args.variants) :] + args.variants[: r % len(args.variants)]
@@ -207,9 +208,18 @@ def time_steps(args) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
             sync(args.device)
             times[v].append(args.clock() - t0)
             faults[v].append(_minor_faults() - f0)
+            rounds[v].append(r)
         if time.perf_counter() - t_start > args.budget and r + 1 >= args.min_rounds:
             break
-    return times, faults
+    return times, faults, rounds
+
+
+def paired_ratio(times: dict, rounds: dict, a: str, b: str) -> tuple[float, int]:
+    """The median over the rounds that timed both of ``a``'s step time over ``b``'s, and how many
+    rounds: neighbours in time, so a host that drifts through the run moves both alike."""
+    tb = dict(zip(rounds[b], times[b]))
+    ratios = [t / tb[r] for r, t in zip(rounds[a], times[a]) if r in tb]
+    return (statistics.median(ratios) if ratios else float("nan")), len(ratios)
 
 
 def peak_memory(variant: str, args) -> float:
@@ -355,7 +365,7 @@ def main(argv=None) -> dict:
     print(f"step_ratio: {args.arch}, batch {args.batch}, {args.size}×{args.size}, {args.device} ({where}), "
           f"torch {torch.__version__}, {args.clock_name} clock{', CUDA graphs' if args.graph else ''}",
           flush=True)  # fmt: skip
-    times, faults = time_steps(args)
+    times, faults, rounds = time_steps(args)
     med = {v: statistics.median(t) for v, t in times.items()}
     flt = {v: statistics.median(f) for v, f in faults.items()}
     mem = {} if args.no_memory else {v: peak_memory(v, args) for v in args.variants}
@@ -368,10 +378,18 @@ def main(argv=None) -> dict:
                      "peak_mb": mem.get(v), "minor_faults_per_step": flt[v]})  # fmt: skip
         pm = f"{mem[v]:9.0f}" if v in mem else f"{'-':>9}"
         print(f"{v:<10} {med[v] * 1e3:10.1f} {ratio:7.2f} {len(times[v]):6d} {pm} {flt[v]:8.0f}")
+    if "pomfx" in med and base:
+        paired, n = paired_ratio(times, rounds, "pomfx", "plain")
+        rows[args.variants.index("pomfx")]["ratio_paired"] = paired
+        print(f"pomfx over plain, round by round: {paired:.2f} (median of {n})")
     if "pomfx" in med:
         for peer in ("geotorch", "geoopt"):
             if peer in med:
-                print(f"pomfx is {med[peer] / med['pomfx']:.1f}× faster per step than {peer}")
+                paired, n = paired_ratio(times, rounds, peer, "pomfx")
+                row = rows[args.variants.index(peer)]
+                row["pomfx_faster"], row["pomfx_faster_paired"] = med[peer] / med["pomfx"], paired
+                print(f"pomfx is {med[peer] / med['pomfx']:.1f}× faster per step than {peer} "
+                      f"(round by round: {paired:.1f}×, median of {n})")  # fmt: skip
     result = {"machine": where, "device": args.device, "clock": args.clock_name, "graph": args.graph,
               "arch": args.arch, "batch": args.batch, "size": args.size, "torch": torch.__version__,
               "rows": rows}  # fmt: skip
