@@ -2,7 +2,9 @@
 
 One process builds four variants of the same torchvision model and times a full training step
 (forward + backward + optimizer step) of each, interleaved round by round after a warm-up, and
-prints the medians and their ratios to plain training (DESIGN §4):
+prints the medians and their ratios to plain training (DESIGN §4), the same ratios taken round by
+round (a host whose speed drifts moves them less), and each variant's optimizer step alone
+(``opt ms``):
 
 - ``plain``: the model with ``torch.optim.SGD(momentum=0.9)``;
 - ``pomfx``: ``pomfx.convert(model, scheme="pio", manifolds="sp+ob+st")`` with
@@ -46,6 +48,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 VARIANTS = ("plain", "pomfx", "geotorch", "geoopt")
+_WIDTHS = (10, 10, 7, 8, 6, 9, 8)  # of the printed table's columns
 LR, MOMENTUM = 0.01, 0.9
 
 
@@ -142,16 +145,32 @@ def batch(args):
     return x.to(args.device), y.to(args.device)
 
 
-def make_step(model, opt, x, y, graph: bool = False):
+def make_step(model, opt, x, y, graph: bool = False, clock=time.perf_counter, device: str = "cpu"):
     """A training step of ``model``: eager, or (``graph``, CUDA) the whole step captured once in
     a CUDA graph and replayed (torch's whole-network capture: warm-up on a side stream, then
-    capture; the inputs, learning rate and hyperparameters stay fixed)."""
+    capture; the inputs, learning rate and hyperparameters stay fixed). ``step.opt_time()``: the
+    last eager step's optimizer step alone, in s (CUDA: between two events, no sync added)."""
     loss_fn = nn.CrossEntropyLoss()
+    cuda = device.startswith("cuda")
+    marks = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if cuda else [0.0, 0.0]
 
     def step():
         opt.zero_grad(set_to_none=True)
         loss_fn(model(x), y).backward()
+        if cuda:
+            marks[0].record()
+        else:
+            marks[0] = clock()
         opt.step()
+        if cuda:
+            marks[1].record()
+        else:
+            marks[1] = clock()
+
+    def opt_time() -> float:  # CUDA: read after the step is synchronized
+        return marks[0].elapsed_time(marks[1]) / 1e3 if cuda else marks[1] - marks[0]
+
+    step.opt_time = opt_time
 
     if not graph:
         return step
@@ -178,16 +197,17 @@ def _minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def time_steps(args) -> tuple[dict[str, list[float]], dict[str, list[int]], dict[str, list[int]]]:
-    """Each variant's step times (s), on CPU its minor page faults a step (fresh pages the
-    allocator had given back: each costs microseconds), and the round of each step."""
+def time_steps(args) -> tuple[dict, dict, dict, dict]:
+    """Per variant, lists over its timed steps: the step's time (s), on CPU its minor page faults
+    (fresh pages the allocator had given back: each costs microseconds), its round, and the time
+    of its optimizer step alone (s; NaN for CUDA graphs)."""
     x, y = batch(args)
     steps = {}
     for v in args.variants:
         t0 = time.perf_counter()
         model, opt = build(v, args)
         print(f"  built {v} in {time.perf_counter() - t0:.2f} s", flush=True)
-        steps[v] = make_step(model, opt, x, y, args.graph)
+        steps[v] = make_step(model, opt, x, y, args.graph, args.clock, args.device)
     for w in range(args.warmup):
         for v in args.variants:
             if w == 0 or v not in args.slow:  # the peers take seconds a step: one warm-up
@@ -196,6 +216,7 @@ def time_steps(args) -> tuple[dict[str, list[float]], dict[str, list[int]], dict
     times: dict[str, list[float]] = {v: [] for v in args.variants}
     faults: dict[str, list[int]] = {v: [] for v in args.variants}
     rounds: dict[str, list[int]] = {v: [] for v in args.variants}
+    opt_times: dict[str, list[float]] = {v: [] for v in args.variants}
     t_start = time.perf_counter()
     for r in range(args.rounds):
         order = args.variants[r % len(args.variants) :] + args.variants[: r % len(args.variants)]
@@ -207,11 +228,12 @@ def time_steps(args) -> tuple[dict[str, list[float]], dict[str, list[int]], dict
             steps[v]()
             sync(args.device)
             times[v].append(args.clock() - t0)
+            opt_times[v].append(steps[v].opt_time() if hasattr(steps[v], "opt_time") else float("nan"))
             faults[v].append(_minor_faults() - f0)
             rounds[v].append(r)
         if time.perf_counter() - t_start > args.budget and r + 1 >= args.min_rounds:
             break
-    return times, faults, rounds
+    return times, faults, rounds, opt_times
 
 
 def paired_ratio(times: dict, rounds: dict, a: str, b: str) -> tuple[float, int]:
@@ -365,19 +387,22 @@ def main(argv=None) -> dict:
     print(f"step_ratio: {args.arch}, batch {args.batch}, {args.size}×{args.size}, {args.device} ({where}), "
           f"torch {torch.__version__}, {args.clock_name} clock{', CUDA graphs' if args.graph else ''}",
           flush=True)  # fmt: skip
-    times, faults, rounds = time_steps(args)
+    times, faults, rounds, opt_times = time_steps(args)
     med = {v: statistics.median(t) for v, t in times.items()}
     flt = {v: statistics.median(f) for v, f in faults.items()}
     mem = {} if args.no_memory else {v: peak_memory(v, args) for v in args.variants}
     base = med.get("plain")
     rows = []
-    print(f"\n{'variant':<10} {'median ms':>10} {'ratio':>7} {'steps':>6} {'peak MB':>9} {'faults':>8}")
+    head = ("variant", "median ms", "ratio", "opt ms", "steps", "peak MB", "faults")
+    print("\n" + " ".join(f"{h:>{w}}" if i else f"{h:<{w}}" for i, (h, w) in enumerate(zip(head, _WIDTHS))))
     for v in args.variants:
         ratio = med[v] / base if base else float("nan")
-        rows.append({"variant": v, "median_ms": med[v] * 1e3, "ratio": ratio, "steps": len(times[v]),
-                     "peak_mb": mem.get(v), "minor_faults_per_step": flt[v]})  # fmt: skip
+        opt_ms = statistics.median(opt_times[v]) * 1e3
+        row = {"variant": v, "median_ms": med[v] * 1e3, "ratio": ratio, "optimizer_ms": opt_ms}
+        rows.append(row | {"steps": len(times[v]), "peak_mb": mem.get(v), "minor_faults_per_step": flt[v]})
         pm = f"{mem[v]:9.0f}" if v in mem else f"{'-':>9}"
-        print(f"{v:<10} {med[v] * 1e3:10.1f} {ratio:7.2f} {len(times[v]):6d} {pm} {flt[v]:8.0f}")
+        cells = (f"{med[v] * 1e3:10.1f}", f"{ratio:7.2f}", f"{opt_ms:8.1f}", f"{len(times[v]):6d}", pm)
+        print(f"{v:<10} " + " ".join(cells) + f" {flt[v]:8.0f}")
     if "pomfx" in med and base:
         paired, n = paired_ratio(times, rounds, "pomfx", "plain")
         rows[args.variants.index("pomfx")]["ratio_paired"] = paired
@@ -390,6 +415,10 @@ def main(argv=None) -> dict:
                 row["pomfx_faster"], row["pomfx_faster_paired"] = med[peer] / med["pomfx"], paired
                 print(f"pomfx is {med[peer] / med['pomfx']:.1f}× faster per step than {peer} "
                       f"(round by round: {paired:.1f}×, median of {n})")  # fmt: skip
+        if "geoopt" in med:  # (geotorch's optimizer is torch's SGD: its cost is in the forward)
+            a, b = (rows[args.variants.index(v)]["optimizer_ms"] for v in ("geoopt", "pomfx"))
+            alone = f"FGSGD {b:.1f} ms, geoopt's RiemannianSGD {a:.1f} ms ({a / b:.0f}×)"
+            print(f"the optimizer step alone: {alone}")
     result = {"machine": where, "device": args.device, "clock": args.clock_name, "graph": args.graph,
               "arch": args.arch, "batch": args.batch, "size": args.size, "torch": torch.__version__,
               "rows": rows}  # fmt: skip
