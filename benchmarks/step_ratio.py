@@ -48,7 +48,6 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 VARIANTS = ("plain", "pomfx", "geotorch", "geoopt")
-_WIDTHS = (10, 10, 7, 8, 6, 9, 8)  # of the printed table's columns
 LR, MOMENTUM = 0.01, 0.9
 
 
@@ -393,16 +392,16 @@ def main(argv=None) -> dict:
     mem = {} if args.no_memory else {v: peak_memory(v, args) for v in args.variants}
     base = med.get("plain")
     rows = []
-    head = ("variant", "median ms", "ratio", "opt ms", "steps", "peak MB", "faults")
-    print("\n" + " ".join(f"{h:>{w}}" if i else f"{h:<{w}}" for i, (h, w) in enumerate(zip(head, _WIDTHS))))
+    print(f"\n{'variant':<10} {'median ms':>10} {'ratio':>7} {'opt ms':>8} "
+          f"{'steps':>6} {'peak MB':>9} {'faults':>8}")  # fmt: skip
     for v in args.variants:
         ratio = med[v] / base if base else float("nan")
         opt_ms = statistics.median(opt_times[v]) * 1e3
         row = {"variant": v, "median_ms": med[v] * 1e3, "ratio": ratio, "optimizer_ms": opt_ms}
         rows.append(row | {"steps": len(times[v]), "peak_mb": mem.get(v), "minor_faults_per_step": flt[v]})
         pm = f"{mem[v]:9.0f}" if v in mem else f"{'-':>9}"
-        cells = (f"{med[v] * 1e3:10.1f}", f"{ratio:7.2f}", f"{opt_ms:8.1f}", f"{len(times[v]):6d}", pm)
-        print(f"{v:<10} " + " ".join(cells) + f" {flt[v]:8.0f}")
+        print(f"{v:<10} {med[v] * 1e3:10.1f} {ratio:7.2f} {opt_ms:8.1f} "
+              f"{len(times[v]):6d} {pm} {flt[v]:8.0f}")  # fmt: skip
     if "pomfx" in med and base:
         paired, n = paired_ratio(times, rounds, "pomfx", "plain")
         rows[args.variants.index("pomfx")]["ratio_paired"] = paired
