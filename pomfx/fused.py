@@ -19,10 +19,10 @@ order (see :mod:`pomfx.optim`):
   ``V ← s − ω·C(ωᵀs)`` of ``s`` (V itself, or U after mode 3). Components whose group is not
   ``ok`` are left exactly as they were;
 - between them, :func:`step_size`: the group sums of q and each component's step size h;
-- usually neither: when a per-component bound on ‖u_c‖ (:func:`within`, a pass over G, and
-  over V unless the last one-pass step left its norms) shows that no group's step size is
-  capped, every component steps by lr and both phases run as one pass (:func:`one_pass`), u
-  kept in registers: half the memory traffic, no group sums.
+- usually neither: when a bound on ‖u_c‖ (:func:`within`, a pass over G, and over V unless
+  the last one-pass step left its norms; group sums of it only where some component is over its
+  share) shows that no group's step size is capped, every component steps by lr and both phases
+  run as one pass (:func:`one_pass`), u kept in registers: half the memory traffic.
 
 The same machinery serves the parametrization's maps on a CPU: :func:`project` (ω of a kernel
 layer from its weight: divide by R, project every component, store the structure of arrays, in
@@ -74,6 +74,7 @@ __all__ = [
     "block_step",
     "enabled",
     "fold_channel_var",
+    "groups_within",
     "kernel_blocks",
     "one_pass",
     "phase_a",
@@ -85,7 +86,7 @@ __all__ = [
     "within",
 ]
 
-_VERSION = 9  # of the generated source: bump when the generators change
+_VERSION = 10  # of the generated source: bump when the generators change
 _TILE = 32  # components per tile of scale_from_weight's loop
 MAX_ELEMENTS = 16  # A·B up to which the unrolled kernels are used (3×3, 1×3, 3×1, 2×2, 1×5, ...)
 _CACHE: dict = {}
@@ -232,16 +233,38 @@ def _source_one(a: int, b: int, momentum: bool) -> str:
 
 
 def _source_bound(a: int, b: int, momentum: bool, decay: bool, cached: bool) -> str:
-    """Counts the components whose bound on ‖u_c‖ (see :func:`within`) is above their limit;
-    ``cached``: ‖V_c‖ read from ``vn`` instead of V."""
+    """The bound e_c of :func:`within` into ``e2`` (e_c²), and how many components exceed their
+    limit (``over``) or are not finite or exceed ``lim[4]`` (``fatal``); ``cached``: ‖V_c‖ read
+    from ``vn`` instead of V."""
     sq = lambda t: " + ".join(f"{t}[{i}, {j}, c] * {t}[{i}, {j}, c]" for i in range(a) for j in range(b))  # noqa: E731
     e = "np.abs(cg[c]) * np.sqrt(" + sq("G") + ")"
     if momentum:
         e += " + mu_eff[c] * " + ("vn[c]" if cached else "np.sqrt(" + sq("V") + ")")
     if decay:  # the weight decay of euc components
         e += " + (np.abs(wd[c]) if t == 3 else zero) * np.sqrt(" + sq("X") + ")"
-    body = ["t = types[c]", f"e = {e}", "bad += 0 if (np.isfinite(e) and e * e <= lim[t]) else 1"]
-    return _loop("X, G, V, cg, mu_eff, wd, types, lim, vn", body, ("bad = 0",), ("return bad",))
+    body = [
+        "t = types[c]",
+        f"e = {e}",
+        "ee = e * e",
+        "e2[c] = ee",
+        "fatal += 0 if (np.isfinite(e) and ee <= lim[4]) else 1",
+        "over += 0 if ee <= lim[t] else 1",
+    ]
+    signature = "X, G, V, cg, mu_eff, wd, types, lim, vn, e2"
+    return _loop(signature, body, ("over = 0", "fatal = 0"), ("return over, fatal",))
+
+
+_GROUPS_WITHIN = """
+def kernel(e2, gid, lim_g, qg):
+    for c in range(e2.shape[0]):
+        qg[gid[c]] = 0
+    for c in range(e2.shape[0]):
+        qg[gid[c]] += e2[c]
+    for c in range(e2.shape[0]):
+        if not qg[gid[c]] <= lim_g[gid[c]]:
+            return False
+    return True
+"""
 
 
 # fused multiply-adds and reciprocals; no reassociation (a component's result must not depend on
@@ -364,25 +387,40 @@ def phase_b(X, U, V, h, types, ok, reps: int, transport: bool, S=None) -> None:
     _run(fn, x, _np(U), v, src, _np(h), _np(types), ok8, float(torch.finfo(X.dtype).tiny))
 
 
-def within(X, G, V, cg, mu_eff, wd, types, lim, decay: bool, vnorm=None) -> bool:
-    """Whether every component c of a layer has ``e_c² ≤ lim[type_c]`` for the bound
+def within(X, G, V, cg, mu_eff, wd, types, lim, decay: bool, e2, vnorm=None, groups=None) -> bool:
+    """Whether a layer's step has no group's step size capped (and one Cholesky-QR), by the bound
 
         e_c = |cg_c|·‖G_c‖ + μ_c·‖V_c‖ (+ |wd_c|·‖X_c‖ on euc with ``decay``) ≥ ‖u_c‖
 
     of phase A's step direction u = μv + P_ω(cg·g) (+ wd·ω on euc): the tangent projection P_ω
-    is orthogonal, so it does not lengthen cg·g. All finite, too. One parallel pass reading G
-    and V (and X with ``decay``); V None: no momentum; ``vnorm`` (N,): ‖V_c‖ as
-    :func:`one_pass` left it, read instead of V."""
+    is orthogonal, so it does not lengthen cg·g. Every e_c must be finite and e_c² ≤ ``lim[4]``,
+    and each group g must have Σ_{c∈g} e_c² ≤ ``lim_g[g]``: shown per component first, by
+    e_c² ≤ ``lim[type_c]`` (its share of its group's limit), in one parallel pass reading G (and
+    V, and X with ``decay``) that also writes e_c² into ``e2`` (N,); where some component is
+    over its share, by the group sums (``groups = (gid, lim_g, qg)``: each component's group,
+    the (G,) limits, a (G,) workspace; one serial loop over the components; None: not tried).
+    V None: no momentum; ``vnorm`` (N,): ‖V_c‖ as :func:`one_pass` left it, read instead of V."""
     a, b, _ = X.shape
     x = _np(X)
     momentum, cached = V is not None, vnorm is not None
     key = ("c", a, b, momentum, decay, cached, x.dtype.str)
     fn = _compiled(key, lambda: _source_bound(a, b, momentum, decay, cached), x.dtype)
     vn = _np(vnorm) if cached else x.reshape(-1)
-    bad = _run(
-        fn, x, _np(G), _np(X if V is None else V), _np(cg), _np(mu_eff), _np(wd), _np(types), _np(lim), vn
-    )
-    return bad == 0
+    v = _np(X if V is None else V)
+    over, fatal = _run(fn, x, _np(G), v, _np(cg), _np(mu_eff), _np(wd), _np(types), _np(lim), vn, _np(e2))
+    if fatal or (over and groups is None):
+        return False
+    if not over:
+        return True
+    return groups_within(e2, *groups)
+
+
+def groups_within(e2, gid, lim_g, qg) -> bool:
+    """Whether Σ_{c∈g} e2_c ≤ ``lim_g[g]`` for every group g = ``gid[c]`` of the components
+    here (``qg``: a (G,) workspace). Serial: the groups are scattered over the components."""
+    x = _np(e2)
+    fn = _compiled(("gw", x.dtype.str), lambda: _GROUPS_WITHIN, x.dtype, parallel=False)
+    return bool(fn(x, _np(gid), _np(lim_g), _np(qg)))
 
 
 def one_pass(X, G, V, cg, mu_eff, wd, types, h: float, vnorm=None) -> None:

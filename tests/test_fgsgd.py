@@ -655,15 +655,23 @@ def test_fused_kernels_match_torch_kernels(manifolds, momentum, nesterov, dtype,
 def test_one_pass_step_is_the_two_phase_step(manifolds, momentum, dampening, dtype, monkeypatch):
     """A kernel layer steps in one pass (pomfx.fused.one_pass) when the bound of fused.within
     shows that no group's step is capped: bit for bit the two-phase step. Gradients from tiny to
-    capping, so that layers take both paths, and the bound is tested where it is tight."""
-    taken, phase_a = [], fused.phase_a  # the path of each layer step of the model under test
+    capping, so that layers take both paths, and the bound is tested where it is tight: also
+    where a component is over its share of its group's limit and the group sums decide."""
+    taken, phase_a, groups = [], fused.phase_a, fused.groups_within  # each layer step's path
+
+    def groups_within(*a):
+        taken.append(f"groups {groups(*a)}")
+        return taken[-1] == "groups True"
+
     monkeypatch.setattr(fused, "one_pass", lambda *a, f=fused.one_pass: taken.append("one") or f(*a))
     monkeypatch.setattr(fused, "phase_a", lambda *a: taken.append("two") or phase_a(*a))
+    monkeypatch.setattr(fused, "groups_within", groups_within)
     ref = small_net(manifolds, dtype=dtype)
     new = copy.deepcopy(ref)
     kw = dict(lr=0.5, momentum=momentum, dampening=dampening, weight_decay=1e-2)
     o_ref, o_new = pomfx.FGSGD(ref.parameters(), **kw), pomfx.FGSGD(new.parameters(), **kw)
-    for step, scale in enumerate([1e-3, 0.02, 0.05, 0.1, 0.2, 0.4, 1e-3, 0.05]):
+    scales = [1e-3, 3e-3, 3.5e-3, 4e-3, 5e-3, 6e-3, 7e-3, 8e-3, 0.02, 0.05, 0.1, 0.2, 0.4, 1e-3, 0.05]
+    for step, scale in enumerate(scales):
         g = torch.Generator().manual_seed(step)
         for a, b in zip(ref.parameters(), new.parameters()):
             a.grad = torch.randn(a.shape, generator=g, dtype=a.dtype) * scale
@@ -678,6 +686,22 @@ def test_one_pass_step_is_the_two_phase_step(manifolds, momentum, dampening, dty
             if momentum:
                 assert torch.equal(o_ref.state[a]["momentum_buffer"], o_new.state[b]["momentum_buffer"])
     assert taken.count("one") >= 3 and taken.count("two") >= 3, taken
+    assert "groups True" in taken and "groups False" in taken, " ".join(taken)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_groups_within_sums_each_group(dtype):
+    """fused.groups_within: Σ_{c∈g} e2_c ≤ lim_g[g] for each group of the components given, at
+    the boundary; groups with no component here are not looked at (their limit is -1)."""
+    e2 = torch.tensor([1.0, 2.0, 3.0, 0.5], dtype=dtype)
+    gid = torch.tensor([2, 0, 2, 0], dtype=torch.int32)
+    qg = torch.full((4,), float("nan"), dtype=dtype)  # a dirty workspace
+    limit = lambda *v: torch.tensor(v, dtype=dtype)  # noqa: E731
+    assert fused.groups_within(e2, gid, limit(2.5, -1, 4.0, -1), qg)
+    assert not fused.groups_within(e2, gid, limit(2.5, -1, 3.99, -1), qg)
+    assert not fused.groups_within(e2, gid, limit(2.49, -1, 4.0, -1), qg)
+    inf = torch.tensor([float("inf")], dtype=dtype)
+    assert not fused.groups_within(inf, gid[:1], limit(0, 0, 1e30, 0), qg)
 
 
 def test_large_kernels_step_as_blocks(monkeypatch):
@@ -717,7 +741,7 @@ def test_one_pass_reads_a_changed_momentum_buffer_afresh(monkeypatch):
     kw = dict(lr=0.5, momentum=0.9)
     o_ref, o_new = pomfx.FGSGD(ref.parameters(), **kw), pomfx.FGSGD(new.parameters(), **kw)
     taken, within = [], fused.within
-    monkeypatch.setattr(fused, "within", lambda *a: taken.append(a[-1] is not None) or within(*a))
+    monkeypatch.setattr(fused, "within", lambda *a: taken.append(a[-2] is not None) or within(*a))
 
     def step(seed, change=None):
         g = torch.Generator().manual_seed(seed)
