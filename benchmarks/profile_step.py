@@ -12,7 +12,7 @@ import statistics
 import time
 
 import torch
-from step_ratio import batch, build, sync
+from step_ratio import LR, batch, build, sync
 from torch import nn
 
 
@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int)
     ap.add_argument("--size", type=int)
     ap.add_argument("--num-classes", type=int, default=10)
+    ap.add_argument("--lr", type=float, default=LR)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--top", type=int, default=25)

@@ -27,6 +27,7 @@ microseconds, where the allocator gave memory back and took it again.
     python benchmarks/step_ratio.py --device cuda         # GPU: resnet50, bs 64, 224×224
     python benchmarks/step_ratio.py --device cuda --graph --variants plain,pomfx   # steps as CUDA graphs
     python benchmarks/step_ratio.py --variants plain,pomfx --rounds 30
+    python benchmarks/step_ratio.py --variants plain,pomfx --lr 0.1 --fresh --batch 64 --size 32  # CIFAR-like
 """
 
 from __future__ import annotations
@@ -127,21 +128,29 @@ def build(variant: str, args) -> tuple[nn.Module, torch.optim.Optimizer]:
         model = with_geoopt(model, args.peer_shape)
     model = model.to(args.device).train()
     if variant == "pomfx":
-        opt = pomfx.FGSGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+        opt = pomfx.FGSGD(model.parameters(), lr=args.lr, momentum=MOMENTUM)
     elif variant == "geoopt":
         import geoopt
 
-        opt = geoopt.optim.RiemannianSGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+        opt = geoopt.optim.RiemannianSGD(model.parameters(), lr=args.lr, momentum=MOMENTUM)
     else:
-        opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+        opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=MOMENTUM)
     return model, opt
 
 
-def batch(args):
-    g = torch.Generator().manual_seed(1)
+def batch(args, g: torch.Generator | None = None):
+    """A random batch (images, labels); from ``g``, else the fixed one (seed 1)."""
+    g = g or torch.Generator().manual_seed(1)
     x = torch.randn(args.batch, 3, args.size, args.size, generator=g)
     y = torch.randint(0, args.num_classes, (args.batch,), generator=g)
     return x.to(args.device), y.to(args.device)
+
+
+def refill(x: torch.Tensor, y: torch.Tensor, args, g: torch.Generator) -> None:
+    """``--fresh``: the next random batch, into the tensors the steps read (CUDA graphs too)."""
+    nx, ny = batch(args, g)
+    x.copy_(nx)
+    y.copy_(ny)
 
 
 def make_step(model, opt, x, y, graph: bool = False, clock=time.perf_counter, device: str = "cpu"):
@@ -207,7 +216,10 @@ def time_steps(args) -> tuple[dict, dict, dict, dict]:
         model, opt = build(v, args)
         print(f"  built {v} in {time.perf_counter() - t0:.2f} s", flush=True)
         steps[v] = make_step(model, opt, x, y, args.graph, args.clock, args.device)
+    fresh = torch.Generator().manual_seed(2) if args.fresh else None
     for w in range(args.warmup):
+        if fresh is not None:
+            refill(x, y, args, fresh)
         for v in args.variants:
             if w == 0 or v not in args.slow:  # the peers take seconds a step: one warm-up
                 steps[v]()
@@ -218,6 +230,8 @@ def time_steps(args) -> tuple[dict, dict, dict, dict]:
     opt_times: dict[str, list[float]] = {v: [] for v in args.variants}
     t_start = time.perf_counter()
     for r in range(args.rounds):
+        if fresh is not None:  # every variant steps on the round's batch
+            refill(x, y, args, fresh)
         order = args.variants[r % len(args.variants) :] + args.variants[: r % len(args.variants)]
         for v in order:
             if r >= args.min_rounds and v in args.slow and times[v]:
@@ -337,6 +351,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch", type=int, default=None, help="cpu: 16, cuda: 64")
     ap.add_argument("--size", type=int, default=None, help="image size (cpu: 64, cuda: 224)")
     ap.add_argument("--num-classes", type=int, default=10)
+    ap.add_argument("--lr", type=float, default=LR, help=f"every variant's learning rate (default {LR})")
+    ap.add_argument(
+        "--fresh", action="store_true", help="a new random batch each round (default: one batch throughout)"
+    )
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     ap.add_argument(
         "--clock",
@@ -375,7 +393,8 @@ def main(argv=None) -> dict:
     torch.set_flush_denormal(True)
     args.passthrough = [
         f"--device={args.device}", f"--arch={args.arch}", f"--batch={args.batch}", f"--size={args.size}",
-        f"--num-classes={args.num_classes}", f"--threads={args.threads}", f"--peer-shape={args.peer_shape}",
+        f"--num-classes={args.num_classes}", f"--lr={args.lr}", f"--threads={args.threads}",
+        f"--peer-shape={args.peer_shape}",
         *(["--graph"] if args.graph else []),
     ]  # fmt: skip
     if args.memory_of:
@@ -383,8 +402,10 @@ def main(argv=None) -> dict:
         return {}
 
     where = machine(args.device)
-    print(f"step_ratio: {args.arch}, batch {args.batch}, {args.size}×{args.size}, {args.device} ({where}), "
-          f"torch {torch.__version__}, {args.clock_name} clock{', CUDA graphs' if args.graph else ''}",
+    print(f"step_ratio: {args.arch}, batch {args.batch}{' (fresh)' if args.fresh else ''}, "
+          f"{args.size}×{args.size}, lr {args.lr}, {args.device} ({where}), torch {torch.__version__}, "
+          f"{args.clock_name} clock"
+          f"{', CUDA graphs' if args.graph else ''}",
           flush=True)  # fmt: skip
     times, faults, rounds, opt_times = time_steps(args)
     med = {v: statistics.median(t) for v, t in times.items()}
@@ -419,8 +440,8 @@ def main(argv=None) -> dict:
             alone = f"FGSGD {b:.1f} ms, geoopt's RiemannianSGD {a:.1f} ms ({a / b:.0f}×)"
             print(f"the optimizer step alone: {alone}")
     result = {"machine": where, "device": args.device, "clock": args.clock_name, "graph": args.graph,
-              "arch": args.arch, "batch": args.batch, "size": args.size, "torch": torch.__version__,
-              "rows": rows}  # fmt: skip
+              "arch": args.arch, "batch": args.batch, "size": args.size, "lr": args.lr, "fresh": args.fresh,
+              "torch": torch.__version__, "rows": rows}  # fmt: skip
     if args.convert:
         result["convert_resnet50_s"] = convert_time(args)
         print(f"pomfx.convert(resnet50): {result['convert_resnet50_s']:.3f} s (median of 5)")

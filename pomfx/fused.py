@@ -15,7 +15,8 @@ order (see :mod:`pomfx.optim`):
   the heavy ball can write ``u = μv + d`` to U and leave V alone (mode 3: V is then only written by
   phase B, so a step found non-finite after phase A has changed nothing);
 - phase B: ``ω ← (ω − h·u)·R⁻¹`` with R the Cholesky factor of the Gram matrix on st, the column
-  norms on ob, the Frobenius norm on sp, I on euc (once, or twice); then the momentum's transport
+  norms on ob, the Frobenius norm on sp, I on euc; once, and on a Stiefel component whose step
+  was large (h²‖u‖² > ``restep``) twice, chosen per component; then the momentum's transport
   ``V ← s − ω·C(ωᵀs)`` of ``s`` (V itself, or U after mode 3). Components whose group is not
   ``ok`` are left exactly as they were;
 - between them, :func:`step_size`: the group sums of q and each component's step size h;
@@ -86,7 +87,7 @@ __all__ = [
     "within",
 ]
 
-_VERSION = 10  # of the generated source: bump when the generators change
+_VERSION = 11  # of the generated source: bump when the generators change
 _TILE = 32  # components per tile of scale_from_weight's loop
 MAX_ELEMENTS = 16  # A·B up to which the unrolled kernels are used (3×3, 1×3, 3×1, 2×2, 1×5, ...)
 _CACHE: dict = {}
@@ -155,30 +156,43 @@ def _direction(a: int, b: int, mode: int) -> list[str]:
     return body
 
 
-def _retraction(a: int, b: int, reps: int) -> list[str]:
-    """Statements: ``y{i}_{j} ← y·R⁻¹``, ``reps`` times, with R the Cholesky factor of the Gram
-    matrix on st, the column norms on ob, the Frobenius norm on sp, I on euc."""
+def _retraction(a: int, b: int, y: str = "y") -> list[str]:
+    """Statements: ``{y}{i}_{j} ← y·R⁻¹`` with R the Cholesky factor of the Gram matrix on st, the
+    column norms on ob, the Frobenius norm on sp, I on euc."""
     body = []
-    for _ in range(reps):
-        for k in range(b):
-            for j in range(k, b):
-                body.append(f"P{k}_{j} = " + " + ".join(f"y{i}_{k} * y{i}_{j}" for i in range(a)))
-        body.append("fro = np.sqrt(np.maximum(" + " + ".join(f"P{j}_{j}" for j in range(b)) + ", tiny))")
-        for j in range(b):  # Cholesky of mst·P + (1 − mst)·I
-            for k in range(j, b):
-                s = f"mst * P{j}_{k}" + (" + (one - mst)" if k == j else "")
-                s += "".join(f" - r{p}_{j} * r{p}_{k}" for p in range(j))
-                if k == j:
-                    body.append(f"r{j}_{j} = np.sqrt(np.maximum({s}, tiny))")
-                else:
-                    body.append(f"r{j}_{k} = ({s}) / r{j}_{j}")
-        for j in range(b):  # the diagonal: Cholesky on st, the norms elsewhere
-            col = f"np.sqrt(np.maximum(P{j}_{j}, tiny))"
-            body.append(f"r{j}_{j} = mst * r{j}_{j} + mob * {col} + msp * fro + meuc")
-        for j in range(b):  # y ← y·R⁻¹
-            for i in range(a):
-                s = f"y{i}_{j}" + "".join(f" - y{i}_{k} * r{k}_{j}" for k in range(j))
-                body.append(f"y{i}_{j} = ({s}) / r{j}_{j}")
+    for k in range(b):
+        for j in range(k, b):
+            body.append(f"P{k}_{j} = " + " + ".join(f"{y}{i}_{k} * {y}{i}_{j}" for i in range(a)))
+    body.append("fro = np.sqrt(np.maximum(" + " + ".join(f"P{j}_{j}" for j in range(b)) + ", tiny))")
+    for j in range(b):  # Cholesky of mst·P + (1 − mst)·I
+        for k in range(j, b):
+            s = f"mst * P{j}_{k}" + (" + (one - mst)" if k == j else "")
+            s += "".join(f" - r{p}_{j} * r{p}_{k}" for p in range(j))
+            if k == j:
+                body.append(f"r{j}_{j} = np.sqrt(np.maximum({s}, tiny))")
+            else:
+                body.append(f"r{j}_{k} = ({s}) / r{j}_{j}")
+    for j in range(b):  # the diagonal: Cholesky on st, the norms elsewhere
+        col = f"np.sqrt(np.maximum(P{j}_{j}, tiny))"
+        body.append(f"r{j}_{j} = mst * r{j}_{j} + mob * {col} + msp * fro + meuc")
+    for j in range(b):  # y ← y·R⁻¹
+        for i in range(a):
+            s = f"{y}{i}_{j}" + "".join(f" - {y}{i}_{k} * r{k}_{j}" for k in range(j))
+            body.append(f"{y}{i}_{j} = ({s}) / r{j}_{j}")
+    return body
+
+
+def _retract(a: int, b: int, twice: bool, hq: str) -> list[str]:
+    """Statements: the retraction of ``y`` (:func:`_retraction`); with ``twice``, done again on a
+    Stiefel component whose squared step ``hq`` = h²‖u‖² is above ``restep`` (Cholesky-QR loses
+    orthogonality as the Gram matrix I + ξᵀξ grows), chosen per component between values in
+    registers (no branch: the loop still vectorises)."""
+    body = _retraction(a, b)
+    if twice:
+        body += [f"z{i}_{j} = y{i}_{j}" for i in range(a) for j in range(b)]
+        body += _retraction(a, b, "z")
+        body.append(f"again = mst * ({hq}) > restep")  # (no 'and': a branch stops vectorising)
+        body += [f"y{i}_{j} = z{i}_{j} if again else y{i}_{j}" for i in range(a) for j in range(b)]
     return body
 
 
@@ -199,12 +213,12 @@ def _source_a(a: int, b: int, mode: int) -> str:
     return _loop("X, G, V, U, cg, mu_eff, wd, types, mu, q", body, ("mu = F(mu)",))
 
 
-def _source_b(a: int, b: int, reps: int, transport: bool) -> str:
+def _source_b(a: int, b: int, twice: bool, transport: bool) -> str:
     body = _masks()
     body.append("okc = ok[c] != 0")  # ok as int8: a bool array's loads stop LLVM vectorising
     body += [f"x{i}_{j} = X[{i}, {j}, c]" for i in range(a) for j in range(b)]
     body += [f"y{i}_{j} = x{i}_{j} - h[c] * U[{i}, {j}, c]" for i in range(a) for j in range(b)]
-    body += _retraction(a, b, reps)
+    body += _retract(a, b, twice, "h[c] * h[c] * q[c]")
     # selects between values already loaded: no conditional memory access (the loop vectorises)
     body += [f"X[{i}, {j}, c] = y{i}_{j} if okc else x{i}_{j}" for i in range(a) for j in range(b)]
     if transport:
@@ -212,15 +226,15 @@ def _source_b(a: int, b: int, reps: int, transport: bool) -> str:
         body += [f"v{i}_{j} = p{i}_{j}" for i in range(a) for j in range(b)]
         body += _remove_normal(a, b, "y", "v")
         body += [f"V[{i}, {j}, c] = v{i}_{j} if okc else p{i}_{j}" for i in range(a) for j in range(b)]
-    return _loop("X, U, V, S, h, types, ok, tiny", body, ("tiny = F(tiny)",))
+    return _loop("X, U, V, S, h, types, ok, tiny, q, restep", body, ("tiny, restep = F(tiny), F(restep)",))
 
 
-def _source_one(a: int, b: int, momentum: bool) -> str:
+def _source_one(a: int, b: int, momentum: bool, twice: bool) -> str:
     """Phases A and B in one pass, u kept in registers: the step of :func:`one_pass`."""
     body = _masks() + [f"x{i}_{j} = X[{i}, {j}, c]" for i in range(a) for j in range(b)]
     body += _direction(a, b, 3 if momentum else 0)
     body += [f"y{i}_{j} = x{i}_{j} - h * u{i}_{j}" for i in range(a) for j in range(b)]
-    body += _retraction(a, b, 1)
+    body += _retract(a, b, twice, "h * h * qq")
     body += [f"X[{i}, {j}, c] = y{i}_{j}" for i in range(a) for j in range(b)]
     if momentum:  # V ← u transported to the new point
         body += [f"v{i}_{j} = u{i}_{j}" for i in range(a) for j in range(b)]
@@ -229,29 +243,29 @@ def _source_one(a: int, b: int, momentum: bool) -> str:
         body.append(
             "vn[c] = np.sqrt(" + " + ".join(f"v{i}_{j} * v{i}_{j}" for i in range(a) for j in range(b)) + ")"
         )
-    return _loop("X, G, V, cg, mu_eff, wd, types, h, tiny, vn", body, ("h, tiny = F(h), F(tiny)",))
+    head = ("h, tiny, restep = F(h), F(tiny), F(restep)",)
+    return _loop("X, G, V, cg, mu_eff, wd, types, h, tiny, vn, restep", body, head)
 
 
-def _source_bound(a: int, b: int, momentum: bool, decay: bool, cached: bool) -> str:
-    """The bound e_c of :func:`within` into ``e2`` (e_c²), and how many components exceed their
-    limit (``over``) or are not finite or exceed ``lim[4]`` (``fatal``); ``cached``: ‖V_c‖ read
-    from ``vn`` instead of V."""
+def _source_bound(a: int, b: int, momentum: bool, cached: bool) -> str:
+    """The bound e_c of :func:`within` into ``e2`` (e_c²); counts the components over their limit
+    (``over``), not finite (``bad``), and on st over ``lim[4]`` (``twice``); ``cached``: ‖V_c‖
+    read from ``vn`` instead of V."""
     sq = lambda t: " + ".join(f"{t}[{i}, {j}, c] * {t}[{i}, {j}, c]" for i in range(a) for j in range(b))  # noqa: E731
     e = "np.abs(cg[c]) * np.sqrt(" + sq("G") + ")"
     if momentum:
         e += " + mu_eff[c] * " + ("vn[c]" if cached else "np.sqrt(" + sq("V") + ")")
-    if decay:  # the weight decay of euc components
-        e += " + (np.abs(wd[c]) if t == 3 else zero) * np.sqrt(" + sq("X") + ")"
     body = [
         "t = types[c]",
         f"e = {e}",
         "ee = e * e",
         "e2[c] = ee",
-        "fatal += 0 if (np.isfinite(e) and ee <= lim[4]) else 1",
+        "bad += 0 if np.isfinite(e) else 1",
         "over += 0 if ee <= lim[t] else 1",
+        "twice += 1 if (t == 2 and ee > lim[4]) else 0",
     ]
-    signature = "X, G, V, cg, mu_eff, wd, types, lim, vn, e2"
-    return _loop(signature, body, ("over = 0", "fatal = 0"), ("return over, fatal",))
+    head, tail = ("over = 0", "bad = 0", "twice = 0"), ("return over, bad, twice",)
+    return _loop("X, G, V, cg, mu_eff, types, lim, vn, e2", body, head, tail)
 
 
 _GROUPS_WITHIN = """
@@ -373,46 +387,49 @@ def phase_a(X, G, V, U, cg, mu_eff, wd, types, mode: int, mu: float, q) -> None:
     _run(fn, x, _np(G), v, u, _np(cg), _np(mu_eff), _np(wd), _np(types), mu, _np(q))
 
 
-def phase_b(X, U, V, h, types, ok, reps: int, transport: bool, S=None) -> None:
+def phase_b(X, U, V, h, types, ok, twice: bool, transport: bool, S=None, q=None, restep: float = 0.0) -> None:
     """Phase B in place on X (and V when ``transport``): retraction with step ``h`` (N,) along U,
-    ``reps`` normalisations, transport into V of ``S`` (default V itself); components with ``ok``
+    with ``twice`` a second one on Stiefel components whose h²·``q`` (q: phase A's ‖u_c‖², N)
+    is above ``restep``; transport into V of ``S`` (default V itself); components with ``ok``
     False untouched."""
     a, b, _ = X.shape
     x = _np(X)
-    key = ("b", a, b, reps, transport, x.dtype.str)
-    fn = _compiled(key, lambda: _source_b(a, b, reps, transport), x.dtype)
+    key = ("b", a, b, twice, transport, x.dtype.str)
+    fn = _compiled(key, lambda: _source_b(a, b, twice, transport), x.dtype)
     v = _np(X if V is None else V)
     src = v if S is None else _np(S)
     ok8 = _np(ok.view(torch.int8))
-    _run(fn, x, _np(U), v, src, _np(h), _np(types), ok8, float(torch.finfo(X.dtype).tiny))
+    qc = _np(h if q is None else q)
+    _run(fn, x, _np(U), v, src, _np(h), _np(types), ok8, float(torch.finfo(X.dtype).tiny), qc, float(restep))
 
 
-def within(X, G, V, cg, mu_eff, wd, types, lim, decay: bool, e2, vnorm=None, groups=None) -> bool:
-    """Whether a layer's step has no group's step size capped (and one Cholesky-QR), by the bound
+def within(X, G, V, cg, mu_eff, types, lim, e2, vnorm=None, groups=None) -> int:
+    """How the one pass (:func:`one_pass`) can take a layer's step: 0 not (some group's step size
+    may be capped, or a gradient is not finite), 1 with one retraction, 2 with the second
+    Cholesky-QR where a Stiefel component's step is large. By the bound
 
-        e_c = |cg_c|·‖G_c‖ + μ_c·‖V_c‖ (+ |wd_c|·‖X_c‖ on euc with ``decay``) ≥ ‖u_c‖
+        e_c = |cg_c|·‖G_c‖ + μ_c·‖V_c‖ ≥ ‖u_c‖
 
-    of phase A's step direction u = μv + P_ω(cg·g) (+ wd·ω on euc): the tangent projection P_ω
-    is orthogonal, so it does not lengthen cg·g. Every e_c must be finite and e_c² ≤ ``lim[4]``,
-    and each group g must have Σ_{c∈g} e_c² ≤ ``lim_g[g]``: shown per component first, by
-    e_c² ≤ ``lim[type_c]`` (its share of its group's limit), in one parallel pass reading G (and
-    V, and X with ``decay``) that also writes e_c² into ``e2`` (N,); where some component is
-    over its share, by the group sums (``groups = (gid, lim_g, qg)``: each component's group,
-    the (G,) limits, a (G,) workspace; one serial loop over the components; None: not tried).
-    V None: no momentum; ``vnorm`` (N,): ‖V_c‖ as :func:`one_pass` left it, read instead of V."""
+    of phase A's step direction u = μv + P_ω(cg·g) on constrained components (the tangent
+    projection P_ω is orthogonal, so it does not lengthen cg·g): every e_c must be finite, and
+    each group g must have Σ_{c∈g} e_c² ≤ ``lim_g[g]``; 2 where e_c² > ``lim[4]`` on some st
+    component. The groups are shown per component first, by e_c² ≤ ``lim[type_c]`` (its share
+    of its group's limit; euc: no limit), in one parallel pass reading G (and V) that also
+    writes e_c² into ``e2`` (N,); where some component is over its share, by the group sums
+    (``groups = (gid, lim_g, qg)``: each component's group, the (G,) limits, a (G,) workspace;
+    one serial loop over the components; None: not tried). V None: no momentum; ``vnorm``
+    (N,): ‖V_c‖ as :func:`one_pass` left it, read instead of V."""
     a, b, _ = X.shape
     x = _np(X)
     momentum, cached = V is not None, vnorm is not None
-    key = ("c", a, b, momentum, decay, cached, x.dtype.str)
-    fn = _compiled(key, lambda: _source_bound(a, b, momentum, decay, cached), x.dtype)
+    key = ("c", a, b, momentum, cached, x.dtype.str)
+    fn = _compiled(key, lambda: _source_bound(a, b, momentum, cached), x.dtype)
     vn = _np(vnorm) if cached else x.reshape(-1)
     v = _np(X if V is None else V)
-    over, fatal = _run(fn, x, _np(G), v, _np(cg), _np(mu_eff), _np(wd), _np(types), _np(lim), vn, _np(e2))
-    if fatal or (over and groups is None):
-        return False
-    if not over:
-        return True
-    return groups_within(e2, *groups)
+    over, bad, twice = _run(fn, x, _np(G), v, _np(cg), _np(mu_eff), _np(types), _np(lim), vn, _np(e2))
+    if bad or (over and (groups is None or not groups_within(e2, *groups))):
+        return 0
+    return 2 if twice else 1
 
 
 def groups_within(e2, gid, lim_g, qg) -> bool:
@@ -423,31 +440,25 @@ def groups_within(e2, gid, lim_g, qg) -> bool:
     return bool(fn(x, _np(gid), _np(lim_g), _np(qg)))
 
 
-def one_pass(X, G, V, cg, mu_eff, wd, types, h: float, vnorm=None) -> None:
+def one_pass(
+    X, G, V, cg, mu_eff, wd, types, h: float, vnorm=None, twice: bool = False, restep: float = 0.0
+) -> None:
     """Phases A and B in one pass with one step size ``h`` for every component: u = μ_c·V + d
-    (d as in phase A; V None: u = d), ω ← (ω − h·u)·R⁻¹ (once), V ← u transported, and
-    ``vnorm`` (N,) ← ‖V_c‖ with momentum. Reads X, G and V once and writes X and V: the cost of
-    a plain SGD step's passes. The caller knows that no group's step size is capped
-    (:func:`within`), so this is the two-phase step exactly."""
+    (d as in phase A; V None: u = d), ω ← (ω − h·u)·R⁻¹ (with ``twice``, again on Stiefel
+    components with h²‖u_c‖² > ``restep``), V ← u transported, and ``vnorm`` (N,) ← ‖V_c‖ with
+    momentum. Reads X, G and V once and writes X and V: the cost of a plain SGD step's passes.
+    The caller knows that no group's step size is capped (:func:`within`), so this is the
+    two-phase step: exactly, or with ``twice`` to rounding (the compiler contracts the two
+    kernels' products into FMAs differently)."""
     a, b, _ = X.shape
     x = _np(X)
     momentum = V is not None
-    fn = _compiled(("o", a, b, momentum, x.dtype.str), lambda: _source_one(a, b, momentum), x.dtype)
+    key = ("o", a, b, momentum, twice, x.dtype.str)
+    fn = _compiled(key, lambda: _source_one(a, b, momentum, twice), x.dtype)
     v = _np(X if V is None else V)
     vn = x.reshape(-1) if vnorm is None else _np(vnorm)
-    _run(
-        fn,
-        x,
-        _np(G),
-        v,
-        _np(cg),
-        _np(mu_eff),
-        _np(wd),
-        _np(types),
-        float(h),
-        float(torch.finfo(X.dtype).tiny),
-        vn,
-    )
+    tiny = float(torch.finfo(X.dtype).tiny)
+    _run(fn, x, _np(G), v, _np(cg), _np(mu_eff), _np(wd), _np(types), float(h), tiny, vn, float(restep))
 
 
 _STEP_SIZE = """

@@ -32,7 +32,8 @@ SGD update in ω (with ``s``, with weight decay); constrained components get no 
 periodic re-projection is needed): sphere and oblique normalise ``ω + ξ`` (the norms are
 recomputed, not predicted); Stiefel takes the Q factor with positive diagonal R, by Cholesky-QR
 of ``ω + ξ`` (whose Gram matrix is ``I + ξᵀξ``: well conditioned), done in elementwise tensor
-ops for small components (kernels: B ≤ 8) and repeated once when a step is large; big blocks
+ops for small components (kernels: B ≤ 8) and repeated when a step is large (h²‖u_c‖² > 0.25:
+on a CPU per component, in torch ops for the whole layer); big blocks
 by batched Cholesky and triangular solves, repeated on CUDA (no host sync) and on a CPU only
 where Gershgorin's discs do not bound the condition number of the Gram matrix by 1.25.
 Transport is the projection onto the new tangent space; on sp and ob its inner products follow
@@ -97,7 +98,7 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _CHUNK = 1 << 18  # elements per CPU job: x, grad, momentum and temporaries stay in cache
 _BATCH = 1 << 26  # elements per batched (CUDA) job at most: its copies and temporaries, ~8 × 256 MB
 _SMALL_ROWS, _SMALL_COLS = 16, 8  # components up to this size use elementwise small-matrix ops
-_RESTEP = 0.25  # ‖ξ_c‖² above which the Stiefel Cholesky-QR is done twice
+_RESTEP = 0.25  # ‖ξ_c‖² above which a Stiefel component's Cholesky-QR is done twice
 # kernel components with more columns: their B×B products and Cholesky-QR by batched BLAS,
 # LAPACK or cuSOLVER calls, whose launches do not grow with B, instead of elementwise ops
 _SOA_COLS = 4
@@ -776,11 +777,11 @@ class _KernelJob(_GroupNorms):
                               ws.get("qg", (self.ng,), X), h)  # fmt: skip
         if big < 0:  # a non-finite q: nothing has changed yet
             return False
-        reps = 2 if self.full and big > _RESTEP else 1
+        twice = self.full and big > _RESTEP  # (per component: only where h²q > _RESTEP)
         transport, ok = mu != 0, self._ones()  # V ← transported u (on euc, u itself)
         for (x, _, v), u, (i, j) in zip(segs, us, spans):
             u, v = u.view(x.shape), v if transport else None
-            fused.phase_b(x, u, v, h[i:j], self.types[i:j], ok[i:j], reps, transport, u)
+            fused.phase_b(x, u, v, h[i:j], self.types[i:j], ok[i:j], twice, transport, u, q[i:j], _RESTEP)
         return True
 
     def _coefs(self, s: Tensor, k, hy: _Hyper) -> tuple[Tensor, Tensor, Tensor]:
@@ -798,18 +799,20 @@ class _KernelJob(_GroupNorms):
         self, segs: list[tuple], spans: list, cg: Tensor, mu_n: Tensor, wd_n: Tensor, hy: _Hyper, vnorm: dict
     ) -> bool:
         """The fused step in one pass (:func:`pomfx.fused.one_pass`) when a bound shows that no
-        group's step size is capped and the Cholesky-QR is done once, as is usual: every group
-        then steps by lr, and the two phases' result is that of one pass. Returns whether it ran.
+        group's step size is capped, as is usual: every group then steps by lr, and the two
+        phases' result is that of one pass (bit for bit; to rounding where the pass may do a
+        second Cholesky-QR: that kernel's FMA contractions differ). Returns whether it ran.
 
         The bound (:func:`pomfx.fused.within`): with e_c ≥ ‖u_c‖ and Σ_{c∈g} e_c² ≤ δ²‖ω_g‖²/lr²,
         ‖u_g‖² = Σ_c ‖u_c‖² ≤ δ²‖ω_g‖²/lr², so the cap min(1, δ‖ω_g‖/(lr‖u_g‖)) is 1; ‖ω_c‖² is
-        1 on sp and B on ob and st. With Stiefel components, e_c² ≤ ``_RESTEP``/lr² too (h²q ≤
-        ``_RESTEP``: one Cholesky-QR). A 1/64 margin covers rounding. It costs a pass over G,
-        against phase A's pass and U's traffic: ‖v_c‖ is the one the last one-pass step wrote,
-        while the buffer is the same tensor, at the same version (any other writer of V bumps
-        it, or goes through :meth:`_run`, which drops the norms). The group sums are only taken
-        where a component is over its own share δ²‖ω_c‖²/lr² (at lr 0.1 on ResNet-18, most
-        layers: a group's largest component is 10-40× its mean share)."""
+        1 on sp and B on ob and st. Where some Stiefel component has e_c² > ``_RESTEP``/lr², the
+        pass chooses per component whether to do the Cholesky-QR twice, as phase B does (h²q >
+        ``_RESTEP``). A 1/64 margin covers rounding. It costs a pass over G, against phase A's
+        pass and U's traffic: ‖v_c‖ is the one the last one-pass step wrote, while the buffer
+        is the same tensor, at the same version (any other writer of V bumps it, or goes
+        through :meth:`_run`, which drops the norms). The group sums are only taken where a
+        component is over its own share δ²‖ω_c‖²/lr² (at lr 0.1 on ResNet-18, most layers: a
+        group's largest component is 10-40× its mean share)."""
         lr = float(hy.lr)
         X = segs[0][0]
         key = (lr, hy.radius, X.dtype)
@@ -817,21 +820,23 @@ class _KernelJob(_GroupNorms):
         lim_g = self._cache("lim_g", key, lambda: self._group_limits(lr, hy.radius, X.dtype))
         groups = (self.ids, lim_g, self.ws.get("qg", (self.ng,), X))
         e2 = self.ws.get("e2", (self.n,), X)
-        decay = bool(hy.wd) and self.has["euc"] and self.full  # euc's ‖u‖ counts for the Cholesky-QR rule
         bufs = [None if v is None else v if v._base is None else v._base for _, _, v in segs]  # the buffers
         # each layer's coefficients (a CPU job is one layer: the whole tensors, no slicing)
         one = len(segs) == 1
         coefs = [(cg, mu_n, wd_n, self.types)] if one else [
             (cg[i:j], mu_n[i:j], wd_n[i:j], self.types[i:j]) for i, j in spans]  # fmt: skip
-        for k, ((x, g, v), c, (i, j)) in enumerate(zip(segs, coefs, spans)):
+        twice = []
+        for k, ((x, g, v), (c, m, _, t), (i, j)) in enumerate(zip(segs, coefs, spans)):
             ref, version, norms = vnorm.get(k, (None, None, None))
             fresh = ref is not None and ref() is bufs[k] and bufs[k]._version == version
             part = groups if one else (self.ids[i:j], *groups[1:])
-            if not fused.within(x, g, v, *c, lim, decay, e2[i:j], norms if fresh else None, part):
+            how = fused.within(x, g, v, c, m, t, lim, e2[i:j], norms if fresh else None, part)
+            if not how:
                 return False
+            twice.append(how == 2)
         for k, ((x, g, v), c) in enumerate(zip(segs, coefs)):
             norms = None if v is None else self.ws.get(f"vnorm{k}", (c[0].numel(),), x)
-            fused.one_pass(x, g, v, *c, lr, norms)
+            fused.one_pass(x, g, v, *c, lr, norms, twice[k], _RESTEP)
             if norms is not None:
                 self._vnorm[k] = (weakref.ref(bufs[k]), bufs[k]._version, norms)
         return True
@@ -839,10 +844,11 @@ class _KernelJob(_GroupNorms):
     def _limits(self, lr: float, radius: float, dt: torch.dtype) -> Tensor:
         """The one-pass bound's limits on e_c² (see :func:`pomfx.fused.within`), less a 1/64 margin
         for rounding: per manifold (sp, ob, st, euc) a component's share δ²‖ω_c‖²/lr² of its
-        group's limit, and for every component ``_RESTEP``/lr² with Stiefel components."""
+        group's limit, then ``_RESTEP``/lr², above which a Stiefel component may need a second
+        Cholesky-QR."""
         big = float(torch.finfo(dt).max)
         scale = (1 - 1 / 64) / lr**2 if lr > 0 else big
-        cap = [radius**2, radius**2 * self.b, radius**2 * self.b, big, _RESTEP if self.full else big]
+        cap = [radius**2, radius**2 * self.b, radius**2 * self.b, big, _RESTEP]
         return torch.tensor([min(c * scale, big) for c in cap], dtype=dt)
 
     def _group_limits(self, lr: float, radius: float, dt: torch.dtype) -> Tensor:
@@ -951,10 +957,10 @@ class _KernelJob(_GroupNorms):
         if fuse:
             ok = self._ones() if ok is None else ok
             transport = mu != 0 and self.constrained
-            reps = 2 if twice else 1
             for (x, _, v), u, (i, j) in zip(segs, Us, spans):
                 v = v if transport else None
-                fused.phase_b(x, u, v, h[i:j], self.types[i:j], ok[i:j], reps, transport)
+                t = self.types[i:j]
+                fused.phase_b(x, u, v, h[i:j], t, ok[i:j], twice, transport, None, q[i:j], _RESTEP)
             return
         for i, j in self.chunks:
             Xc, Uc = X[..., i:j], U[..., i:j]

@@ -663,7 +663,11 @@ def test_one_pass_step_is_the_two_phase_step(manifolds, momentum, dampening, dty
         taken.append(f"groups {groups(*a)}")
         return taken[-1] == "groups True"
 
-    monkeypatch.setattr(fused, "one_pass", lambda *a, f=fused.one_pass: taken.append("one") or f(*a))
+    def one_pass(*a, f=fused.one_pass):
+        taken.append("one twice" if a[-2] else "one")  # twice: a second Cholesky-QR where needed
+        f(*a)
+
+    monkeypatch.setattr(fused, "one_pass", one_pass)
     monkeypatch.setattr(fused, "phase_a", lambda *a: taken.append("two") or phase_a(*a))
     monkeypatch.setattr(fused, "groups_within", groups_within)
     ref = small_net(manifolds, dtype=dtype)
@@ -685,8 +689,53 @@ def test_one_pass_step_is_the_two_phase_step(manifolds, momentum, dampening, dty
             assert torch.equal(a, b), f"step {step}"
             if momentum:
                 assert torch.equal(o_ref.state[a]["momentum_buffer"], o_new.state[b]["momentum_buffer"])
-    assert taken.count("one") >= 3 and taken.count("two") >= 3, taken
+    assert taken.count("one") >= 3 and taken.count("two") >= 3, " ".join(taken)
     assert "groups True" in taken and "groups False" in taken, " ".join(taken)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_one_pass_repeats_the_cholesky_qr_where_a_step_is_large(momentum, dtype, monkeypatch):
+    """A Stiefel component whose step is large (h²‖u_c‖² > _RESTEP) gets its Cholesky-QR twice,
+    chosen per component, in the one pass as in phase B: a group with a few large components
+    among small ones is not capped, so the layer still steps in one pass. Equal to the two-phase
+    step to rounding (the two kernels' FMA contractions differ), and on the manifold."""
+    from pomfx.optim import _RESTEP
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 16, 3).to(dtype)  # po: groups of 16 components, one large in some
+    ref = pomfx.convert(nn.Sequential(conv), scheme="po", manifolds="st", include=[nn.Conv2d])
+    new = copy.deepcopy(ref)
+    kw = dict(lr=0.5, momentum=momentum)
+    o_ref, o_new = pomfx.FGSGD(ref.parameters(), **kw), pomfx.FGSGD(new.parameters(), **kw)
+    taken, large, both, phase_a, one_pass = [], [], [], fused.phase_a, fused.one_pass
+    monkeypatch.setattr(fused, "one_pass", lambda *a: taken.append(a[-2]) or one_pass(*a))
+    rtol = 1e-5 if dtype == torch.float32 else 1e-12
+    for step, big in enumerate([3.0, 8.0, 13.0, 3.0, 12.0]):
+        g = torch.Generator().manual_seed(step)
+        for a, b in zip(ref.parameters(), new.parameters()):
+            a.grad = torch.randn(a.shape, generator=g, dtype=dtype) * 3e-4
+            if isinstance(a, ComponentParameter):
+                a.grad.view(3, 3, -1)[:, :, ::37] *= big
+            b.grad = a.grad.clone()
+        with monkeypatch.context() as m:  # the reference: two phases; are some steps large?
+            m.setattr(fused, "within", lambda *a: 0)
+            m.setattr(fused, "phase_a", lambda *a: phase_a(*a) or large.append(float(a[-1].max()) * 0.25))
+            o_ref.step()
+        taken.clear()
+        o_new.step()
+        both.append(taken == [True] and large[-1] > _RESTEP)  # one pass, second Cholesky-QR
+        for a, b in zip(ref.parameters(), new.parameters()):
+            torch.testing.assert_close(b, a, rtol=rtol, atol=rtol * float(a.detach().abs().max()))
+            if momentum:
+                va, vb = o_ref.state[a]["momentum_buffer"], o_new.state[b]["momentum_buffer"]
+                torch.testing.assert_close(vb, va, rtol=rtol, atol=rtol * float(va.abs().max()))
+            with torch.no_grad():  # the same point again for the next step
+                a.copy_(b)
+                if momentum:
+                    o_ref.state[a]["momentum_buffer"].copy_(o_new.state[b]["momentum_buffer"])
+    assert any(both), (both, large)
+    assert max(pomfx.constraint_error(new).values()) <= (2e-6 if dtype == torch.float32 else 1e-13)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
