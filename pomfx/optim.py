@@ -58,8 +58,9 @@ interleaved: one :class:`_KernelJob` applies the four manifolds' formulas side b
 per-component masks, as elementwise ops over the contiguous component axis (a B×B product of 3×3
 kernels is 3 fused multiply-adds over N, where a batched matmul or LAPACK call per component
 would be 10-40× slower on CPU); on a CPU that job is numba's (:mod:`pomfx.fused`): two phases
-with the group step sizes between them, or, when a per-component bound shows that no group's
-step can be capped (the usual case), the whole step in one pass over ω, g and v. Block layers
+with the group step sizes between them, or, when a bound on each component's step (summed
+over its group where needed) shows that no group's step can be capped (the usual case), the
+whole step in one pass over ω, g and v. Block layers
 (K = 1) are bucketed: same manifold and shape, across layers, one :class:`_Job`; on a CPU a job of
 small blocks runs as one numba loop (:func:`pomfx.fused.block_step`, the same formulas per
 block, in float64), and so does a kernel layer whose components are too large for the unrolled
@@ -812,7 +813,7 @@ class _KernelJob(_GroupNorms):
         is the same tensor, at the same version (any other writer of V bumps it, or goes
         through :meth:`_run`, which drops the norms). The group sums are only taken where a
         component is over its own share δ²‖ω_c‖²/lr² (at lr 0.1 on ResNet-18, most layers: a
-        group's largest component is 10-40× its mean share)."""
+        group's largest e_c² is 7-27× its mean share)."""
         lr = float(hy.lr)
         X = segs[0][0]
         key = (lr, hy.radius, X.dtype)
