@@ -87,7 +87,7 @@ __all__ = [
     "within",
 ]
 
-_VERSION = 11  # of the generated source: bump when the generators change
+_VERSION = 12  # of the generated source: bump when the generators change
 _TILE = 32  # components per tile of scale_from_weight's loop
 MAX_ELEMENTS = 16  # A·B up to which the unrolled kernels are used (3×3, 1×3, 3×1, 2×2, 1×5, ...)
 _CACHE: dict = {}
@@ -269,13 +269,13 @@ def _source_bound(a: int, b: int, momentum: bool, cached: bool) -> str:
 
 
 _GROUPS_WITHIN = """
-def kernel(e2, gid, lim_g, qg):
-    for c in range(e2.shape[0]):
-        qg[gid[c]] = 0
+def kernel(e2, gid, lim_g, qg, g0, g1):
+    for k in range(g0, g1):
+        qg[k] = 0
     for c in range(e2.shape[0]):
         qg[gid[c]] += e2[c]
-    for c in range(e2.shape[0]):
-        if not qg[gid[c]] <= lim_g[gid[c]]:
+    for k in range(g0, g1):
+        if not qg[k] <= lim_g[k]:
             return False
     return True
 """
@@ -416,9 +416,9 @@ def within(X, G, V, cg, mu_eff, types, lim, e2, vnorm=None, groups=None) -> int:
     component. The groups are shown per component first, by e_c² ≤ ``lim[type_c]`` (its share
     of its group's limit; euc: no limit), in one parallel pass reading G (and V) that also
     writes e_c² into ``e2`` (N,); where some component is over its share, by the group sums
-    (``groups = (gid, lim_g, qg)``: each component's group, the (G,) limits, a (G,) workspace;
-    one serial loop over the components; None: not tried). V None: no momentum; ``vnorm``
-    (N,): ‖V_c‖ as :func:`one_pass` left it, read instead of V."""
+    (``groups = (gid, lim_g, qg, (g0, g1))``: each component's group, the (G,) limits, a (G,)
+    workspace, the range of the groups here: :func:`groups_within`; None: not tried). V None:
+    no momentum; ``vnorm`` (N,): ‖V_c‖ as :func:`one_pass` left it, read instead of V."""
     a, b, _ = X.shape
     x = _np(X)
     momentum, cached = V is not None, vnorm is not None
@@ -432,12 +432,14 @@ def within(X, G, V, cg, mu_eff, types, lim, e2, vnorm=None, groups=None) -> int:
     return 2 if twice else 1
 
 
-def groups_within(e2, gid, lim_g, qg) -> bool:
-    """Whether Σ_{c∈g} e2_c ≤ ``lim_g[g]`` for every group g = ``gid[c]`` of the components
-    here (``qg``: a (G,) workspace). Serial: the groups are scattered over the components."""
+def groups_within(e2, gid, lim_g, qg, groups: tuple[int, int]) -> bool:
+    """Whether Σ_{c∈g} e2_c ≤ ``lim_g[g]`` for every group g in ``groups = (g0, g1)``, the range
+    that holds the groups ``gid[c]`` of the components here (``qg``: a workspace over the groups).
+    Serial: the groups are scattered over the components; one loop over them, two over the
+    groups."""
     x = _np(e2)
     fn = _compiled(("gw", x.dtype.str), lambda: _GROUPS_WITHIN, x.dtype, parallel=False)
-    return bool(fn(x, _np(gid), _np(lim_g), _np(qg)))
+    return bool(fn(x, _np(gid), _np(lim_g), _np(qg), int(groups[0]), int(groups[1])))
 
 
 def one_pass(

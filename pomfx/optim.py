@@ -590,6 +590,7 @@ class _KernelJob(_GroupNorms):
         ngs = [int(pom.group_norm2.numel()) for pom in poms]
         self.ng = sum(ngs)
         offsets = np.cumsum([0, *ngs[:-1]])
+        self.group_spans = [(int(o), int(o) + g) for o, g in zip(offsets, ngs)]  # each layer's groups
         gid = [pom.comp_group + int(o) for pom, o in zip(poms, offsets)]
         self.gid = None if self.ng == self.n else (torch.cat(gid) if len(gid) > 1 else gid[0])
         self.ids = gid[0] if len(gid) == 1 else torch.cat(gid)  # group of each component (int32)
@@ -819,7 +820,7 @@ class _KernelJob(_GroupNorms):
         key = (lr, hy.radius, X.dtype)
         lim = self._cache("lim", key, lambda: self._limits(lr, hy.radius, X.dtype))
         lim_g = self._cache("lim_g", key, lambda: self._group_limits(lr, hy.radius, X.dtype))
-        groups = (self.ids, lim_g, self.ws.get("qg", (self.ng,), X))
+        qg = self.ws.get("qg", (self.ng,), X)
         e2 = self.ws.get("e2", (self.n,), X)
         bufs = [None if v is None else v if v._base is None else v._base for _, _, v in segs]  # the buffers
         # each layer's coefficients (a CPU job is one layer: the whole tensors, no slicing)
@@ -830,8 +831,8 @@ class _KernelJob(_GroupNorms):
         for k, ((x, g, v), (c, m, _, t), (i, j)) in enumerate(zip(segs, coefs, spans)):
             ref, version, norms = vnorm.get(k, (None, None, None))
             fresh = ref is not None and ref() is bufs[k] and bufs[k]._version == version
-            part = groups if one else (self.ids[i:j], *groups[1:])
-            how = fused.within(x, g, v, c, m, t, lim, e2[i:j], norms if fresh else None, part)
+            groups = (self.ids if one else self.ids[i:j], lim_g, qg, self.group_spans[k])
+            how = fused.within(x, g, v, c, m, t, lim, e2[i:j], norms if fresh else None, groups)
             if not how:
                 return False
             twice.append(how == 2)

@@ -740,17 +740,17 @@ def test_one_pass_repeats_the_cholesky_qr_where_a_step_is_large(momentum, dtype,
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_groups_within_sums_each_group(dtype):
-    """fused.groups_within: Σ_{c∈g} e2_c ≤ lim_g[g] for each group of the components given, at
-    the boundary; groups with no component here are not looked at (their limit is -1)."""
+    """fused.groups_within: Σ_{c∈g} e2_c ≤ lim_g[g] for each group g of the range given (the
+    components' groups), at the boundary; groups outside the range are not looked at."""
     e2 = torch.tensor([1.0, 2.0, 3.0, 0.5], dtype=dtype)
-    gid = torch.tensor([2, 0, 2, 0], dtype=torch.int32)
+    gid = torch.tensor([2, 1, 2, 1], dtype=torch.int32)
     qg = torch.full((4,), float("nan"), dtype=dtype)  # a dirty workspace
     limit = lambda *v: torch.tensor(v, dtype=dtype)  # noqa: E731
-    assert fused.groups_within(e2, gid, limit(2.5, -1, 4.0, -1), qg)
-    assert not fused.groups_within(e2, gid, limit(2.5, -1, 3.99, -1), qg)
-    assert not fused.groups_within(e2, gid, limit(2.49, -1, 4.0, -1), qg)
+    assert fused.groups_within(e2, gid, limit(-1, 2.5, 4.0, -1), qg, (1, 3))
+    assert not fused.groups_within(e2, gid, limit(-1, 2.5, 3.99, -1), qg, (1, 3))
+    assert not fused.groups_within(e2, gid, limit(-1, 2.49, 4.0, -1), qg, (1, 3))
     inf = torch.tensor([float("inf")], dtype=dtype)
-    assert not fused.groups_within(inf, gid[:1], limit(0, 0, 1e30, 0), qg)
+    assert not fused.groups_within(inf, gid[:1], limit(0, 0, 1e30, 0), qg, (2, 3))
 
 
 def test_large_kernels_step_as_blocks(monkeypatch):
