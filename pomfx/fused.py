@@ -87,7 +87,7 @@ __all__ = [
     "within",
 ]
 
-_VERSION = 12  # of the generated source: bump when the generators change
+_VERSION = 13  # of the generated source: bump when the generators change
 _TILE = 32  # components per tile of scale_from_weight's loop
 MAX_ELEMENTS = 16  # A·B up to which the unrolled kernels are used (3×3, 1×3, 3×1, 2×2, 1×5, ...)
 _CACHE: dict = {}
@@ -281,10 +281,13 @@ def kernel(e2, gid, lim_g, qg, g0, g1):
 """
 
 
-# fused multiply-adds and reciprocals; no reassociation (a component's result must not depend on
-# whether it falls in the vectorised body or the scalar remainder of a thread's range: DDP ranks
-# and one process must agree), no "nnan"/"ninf" (non-finite values keep their IEEE meaning)
-_FASTMATH = {"contract", "arcp"}
+# IEEE arithmetic, no fast-math flags: LLVM contracts products into FMAs (and turns divisions
+# into reciprocals) differently in a loop's vectorised body, its scalar remainder and another
+# kernel's loop, so with "contract" or "arcp" a component's result depended on where its
+# thread's range ended (on the thread count) and ‖v_c‖ computed by two kernels differed in the
+# last bit; without them every kernel gives each component the same bits. The kernels are
+# memory bound: no slower (RESULTS.md, session 12).
+_FASTMATH = False
 
 
 def _cache_dir() -> Path:
@@ -450,8 +453,7 @@ def one_pass(
     components with h²‖u_c‖² > ``restep``), V ← u transported, and ``vnorm`` (N,) ← ‖V_c‖ with
     momentum. Reads X, G and V once and writes X and V: the cost of a plain SGD step's passes.
     The caller knows that no group's step size is capped (:func:`within`), so this is the
-    two-phase step: exactly, or with ``twice`` to rounding (the compiler contracts the two
-    kernels' products into FMAs differently)."""
+    two-phase step, bit for bit (IEEE arithmetic in every kernel: ``_FASTMATH``)."""
     a, b, _ = X.shape
     x = _np(X)
     momentum = V is not None

@@ -802,15 +802,15 @@ class _KernelJob(_GroupNorms):
     ) -> bool:
         """The fused step in one pass (:func:`pomfx.fused.one_pass`) when a bound shows that no
         group's step size is capped, as is usual: every group then steps by lr, and the two
-        phases' result is that of one pass (bit for bit; to rounding where the pass may do a
-        second Cholesky-QR: that kernel's FMA contractions differ). Returns whether it ran.
+        phases' result is that of one pass, bit for bit. Returns whether it ran.
 
         The bound (:func:`pomfx.fused.within`): with e_c ≥ ‖u_c‖ and Σ_{c∈g} e_c² ≤ δ²‖ω_g‖²/lr²,
         ‖u_g‖² = Σ_c ‖u_c‖² ≤ δ²‖ω_g‖²/lr², so the cap min(1, δ‖ω_g‖/(lr‖u_g‖)) is 1; ‖ω_c‖² is
         1 on sp and B on ob and st. Where some Stiefel component has e_c² > ``_RESTEP``/lr², the
         pass chooses per component whether to do the Cholesky-QR twice, as phase B does (h²q >
         ``_RESTEP``). A 1/64 margin covers rounding. It costs a pass over G, against phase A's
-        pass and U's traffic: ‖v_c‖ is the one the last one-pass step wrote, while the buffer
+        pass and U's traffic: ‖v_c‖ is the one the last one-pass step wrote (the bits V gives
+        again, so a resumed run, which computes them, decides alike), while the buffer
         is the same tensor, at the same version (any other writer of V bumps it, or goes
         through :meth:`_run`, which drops the norms). The group sums are only taken where a
         component is over its own share δ²‖ω_c‖²/lr² (at lr 0.1 on ResNet-18, most layers: a
