@@ -907,3 +907,35 @@ def test_cuda_amp_grad_scaler_fp16():
         scaler.update()
     assert torch.isfinite(loss)
     assert max(pomfx.constraint_error(model).values()) <= 1e-5
+
+
+def test_kernel_layer_steps_do_not_depend_on_the_thread_count(monkeypatch):
+    """FG-SGD's steps of k×k-conv layers (one pass, and two phases where groups are capped),
+    given the same gradients, are bit for bit the same with 1, 2 or 3 threads: a DDP rank or a
+    resumed run on a machine with another core count steps its ω and momentum alike."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(7, 13, 3), nn.Conv2d(13, 11, 3), nn.Conv2d(11, 5, 2))
+    base = pomfx.convert(net, scheme="pio")
+    paths, one_pass, phase_b = set(), fused.one_pass, fused.phase_b
+    monkeypatch.setattr(fused, "one_pass", lambda *a: paths.add("one") or one_pass(*a))
+    monkeypatch.setattr(fused, "phase_b", lambda *a, **k: paths.add("two") or phase_b(*a, **k))
+    threads, finals = torch.get_num_threads(), []
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            model = copy.deepcopy(base)
+            opt = pomfx.FGSGD(model.parameters(), lr=0.1, momentum=0.9)
+            for step, scale in enumerate([1e-3, 1e-1, 1e-3, 3.0]):  # 3.0: capped groups
+                g = torch.Generator().manual_seed(step)
+                for p in model.parameters():
+                    p.grad = torch.randn(p.shape, generator=g) * scale
+                opt.step()
+            params = list(model.parameters())
+            finals.append(
+                [p.detach().clone() for p in params] + [opt.state[p]["momentum_buffer"] for p in params]
+            )
+    finally:
+        torch.set_num_threads(threads)
+    assert paths == {"one", "two"}
+    for other in finals[1:]:
+        assert all(torch.equal(s, t) for s, t in zip(finals[0], other))
