@@ -87,7 +87,7 @@ __all__ = [
     "within",
 ]
 
-_VERSION = 13  # of the generated source: bump when the generators change
+_VERSION = 14  # of the generated source: bump when the generators change
 _TILE = 32  # components per tile of scale_from_weight's loop
 MAX_ELEMENTS = 16  # A·B up to which the unrolled kernels are used (3×3, 1×3, 3×1, 2×2, 1×5, ...)
 _CACHE: dict = {}
@@ -288,6 +288,10 @@ def kernel(e2, gid, lim_g, qg, g0, g1):
 # last bit; without them every kernel gives each component the same bits. The kernels are
 # memory bound: no slower (RESULTS.md, session 12).
 _FASTMATH = False
+# ... except in the λ moments, sums whose order and split into vectorised body and remainder are
+# fixed by the shape alone (a thread per channel, or per block of rows), never by the thread
+# count: there FMAs change no guarantee and make the kernel 1.3× faster
+_SERIAL_FASTMATH = {"contract"}
 
 
 def _cache_dir() -> Path:
@@ -329,10 +333,11 @@ def _source_g(a: int, b: int, transpose: bool) -> str:
     return head + "\n".join(ind + line for line in body) + "\n"
 
 
-def _compiled(key: tuple, source, dtype: np.dtype, parallel: bool = True):
+def _compiled(key: tuple, source, dtype: np.dtype, parallel: bool = True, fastmath=None):
     """The kernel for ``key``: compiled from ``source()`` on first use in a process. The source is
     written to a module in the user's cache folder (atomically: ranks may race) so that numba's
-    own on-disk cache can keep the machine code from one process to the next."""
+    own on-disk cache can keep the machine code from one process to the next. ``fastmath``:
+    numba's flags, ``_FASTMATH`` unless given."""
     fn = _CACHE.get(key)
     if fn is None:
         name = "k_" + "_".join(str(k).replace("<", "").replace(">", "") for k in key)
@@ -354,7 +359,8 @@ def _compiled(key: tuple, source, dtype: np.dtype, parallel: bool = True):
             scope: dict = {}
             exec(compile(text, f"<pomfx.fused {name}>", "exec"), scope)
             kernel, cache = scope["kernel"], False
-        jit = numba.njit(parallel=parallel, nogil=True, error_model="numpy", fastmath=_FASTMATH, cache=cache)
+        flags = _FASTMATH if fastmath is None else fastmath
+        jit = numba.njit(parallel=parallel, nogil=True, error_model="numpy", fastmath=flags, cache=cache)
         fn = _CACHE[key] = jit(kernel)
     return fn
 
@@ -921,10 +927,10 @@ def fold_channel_var(x: torch.Tensor, running_var: torch.Tensor, weight: float) 
     a = _np(x)
     rv = _np(running_var)
     if x.shape[2] == 1:
-        fn = _compiled(("mr", a.dtype.str), lambda: _MOMENTS_ROWS, a.dtype)
+        fn = _compiled(("mr", a.dtype.str), lambda: _MOMENTS_ROWS, a.dtype, fastmath=_SERIAL_FASTMATH)
         _run(fn, a[:, :, 0], rv, float(weight), max(16, -(-x.shape[0] // 256)))
     else:
-        fn = _compiled(("m", a.dtype.str), lambda: _MOMENTS, a.dtype)
+        fn = _compiled(("m", a.dtype.str), lambda: _MOMENTS, a.dtype, fastmath=_SERIAL_FASTMATH)
         _run(fn, a, rv, float(weight))
 
 
