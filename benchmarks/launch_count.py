@@ -6,7 +6,9 @@ bottleneck (benchmarks/RESULTS.md, "GPU"). This script runs the code path that C
 (FG-SGD's batched mode, pomfx's torch ops instead of the CPU's numba kernels, torch SGD with
 ``foreach``) on the CPU under a dispatch mode that counts every aten op that would launch a
 kernel (views, allocations and metadata ops excluded), and the host syncs (``.item()``,
-``bool()``, ``nonzero``), phase by phase::
+``bool()``, ``nonzero``), phase by phase. FG-SGD's Triton kernels (:mod:`pomfx.fused_gpu`, what
+CUDA runs for kernel layers) run through Triton's interpreter, each call counted as one launch
+(``--torch-ops``: the torch ops that CUDA runs without Triton)::
 
     python benchmarks/launch_count.py                 # resnet50, like the GPU benchmark
     python benchmarks/launch_count.py --arch resnet18 --top 15
@@ -17,8 +19,11 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import sys
 
 os.environ["POMFX_FUSED"] = "0"  # the torch ops that CUDA runs, not the CPU's numba kernels
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: its kernels on CPU tensors
+os.environ["POMFX_TRITON"] = "0" if "--torch-ops" in sys.argv else "1"
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -38,12 +43,25 @@ SYNCS = {"_local_scalar_dense", "nonzero", "item", "is_nonzero", "equal"}
 class Launches(TorchDispatchMode):
     """Counts the aten ops dispatched inside it: ``launches`` (by op) and ``syncs``."""
 
+    active: list = []  # the counters entered, innermost last
+    paused = False  # inside a Triton kernel's call (the interpreter's own ops are not launches)
+
     def __init__(self):
         super().__init__()
         self.launches: collections.Counter = collections.Counter()
         self.syncs: collections.Counter = collections.Counter()
 
+    def __enter__(self):
+        Launches.active.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        Launches.active.pop()
+        return super().__exit__(*exc)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if Launches.paused:
+            return func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
         if name in SYNCS:
             self.syncs[name] += 1
@@ -55,6 +73,27 @@ class Launches(TorchDispatchMode):
 def _cuda_batch_var(x, cdim: int, count: int):
     """The λ hook's batch variance as on CUDA (one ``var_mean``), for the counts."""
     return torch.var_mean(x.float(), [d for d in range(x.dim()) if d != cdim], correction=0)[0]
+
+
+def _count_triton() -> None:
+    """Each call of a :mod:`pomfx.fused_gpu` kernel counts as one launch ``triton.<name>``."""
+    from pomfx import fused_gpu
+
+    def counted(name, fn):
+        def call(*args):
+            if Launches.active:
+                Launches.active[-1].launches[f"triton.{name}"] += 1
+            Launches.paused = True
+            try:
+                return fn(*args)
+            finally:
+                Launches.paused = False
+
+        return call
+
+    for name in ("norms", "group_sums", "step"):
+        setattr(fused_gpu, name, counted(name, getattr(fused_gpu, name)))
+    fused_gpu._BLOCK = 1 << 14  # the interpreter runs programs one by one: fewer, wider ones
 
 
 def build(variant: str, arch: str, num_classes: int):
@@ -101,13 +140,16 @@ def main() -> None:
     ap.add_argument("--num-classes", type=int, default=10)
     ap.add_argument("--size", type=int, default=32, help="input size (the counts do not depend on it)")
     ap.add_argument("--top", type=int, default=0, help="also list the most frequent ops of the pomfx step")
+    ap.add_argument("--torch-ops", action="store_true", help="FG-SGD's torch ops, not its Triton kernels")
     args = ap.parse_args()
+    _count_triton()
     torch.set_flush_denormal(True)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, args.size, args.size, generator=g)
     y = torch.randint(0, args.num_classes, (2,), generator=g)
     rows = {v: count(*build(v, args.arch, args.num_classes), x, y) for v in ("plain", "pomfx")}
-    print(f"{args.arch}, CUDA code path: kernel launches (host syncs) per training step")
+    path = "torch ops" if args.torch_ops else "Triton kernels"
+    print(f"{args.arch}, CUDA code path (FG-SGD's {path}): kernel launches (host syncs) per training step")
     print(f"{'phase':10s} {'plain':>14s} {'pomfx':>14s} {'ratio':>7s}")
     totals = {v: Launches() for v in rows}
     for phase in ("forward", "backward", "step", "total"):

@@ -68,10 +68,12 @@ kernels (5×5, 7×7), each component a block, where no group's step is capped. O
 is cut into chunks of about ``chunk`` elements so that its passes run in cache, temporaries
 live in persistent workspaces (fresh large allocations page-fault on every step), and a
 non-finite check costs one reduction; on CUDA ("batched" mode)
-all kernel layers of a shape form one job, run in one chunk with the same elementwise ops
-(batched matmuls and cuSOLVER's batched Cholesky on 3×3 matrices measured 20× slower on an
-H100), all blocks of a shape another (the manifolds' own pieces range by range), and nothing
-syncs with the host: the step is bound by the launches it issues there
+all kernel layers of a shape form one job: with Triton (:mod:`pomfx.fused_gpu`), components of
+up to 16 entries take three kernels, u's norms and the step per layer and the group sums per job;
+otherwise (``POMFX_TRITON=0``, 5×5 and 7×7 kernels) the job runs in one chunk with the same
+elementwise ops (batched matmuls and cuSOLVER's batched Cholesky on 3×3 matrices measured 20×
+slower on an H100). All blocks of a shape form another job (the manifolds' own pieces range by
+range), and nothing syncs with the host: the step is bound by the launches it issues there
 (``benchmarks/launch_count.py`` counts them on any machine).
 """
 
@@ -87,7 +89,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.sgd import sgd as _torch_sgd
 
-from . import fused
+from . import fused, fused_gpu
 from .manifolds import BIG_COMPONENT, right_solve_upper
 from .parametrization import ComponentParameter
 
@@ -655,6 +657,9 @@ class _KernelJob(_GroupNorms):
         a, b, n = self.a, self.b, self.n
         parts = [flat[id(p)] for p in self.params]
         x0 = parts[0][0]
+        if self.cuda and fused_gpu.usable(x0, a, b):  # Triton: three launches per layer
+            self._triton_step(parts, first, hy)
+            return
         on_cpu = not self.cuda and x0.dtype in (torch.float32, torch.float64)
         if on_cpu and fused.available(a, b):
             # fused kernels: layer by layer, no concatenation (one call each costs microseconds)
@@ -676,6 +681,51 @@ class _KernelJob(_GroupNorms):
             dst = [x for x, _, _ in parts] + ([v for _, _, v in parts] if V is not None else [])
             src = list(X.split(self.sizes, 2)) + (list(V.split(self.sizes, 2)) if V is not None else [])
             torch._foreach_copy_([d.view(a, b, -1) for d in dst], src)
+
+    def _triton_step(self, parts: list[tuple], first: dict, hy: _Hyper) -> None:
+        """The step by :mod:`pomfx.fused_gpu`, layer by layer in place (no concatenation): u's
+        norms, the job's group sums, then each layer's retraction and transport. Nothing on the
+        host depends on a tensor's value: a group with a non-finite gradient is skipped on the
+        device."""
+        a, b, n = self.a, self.b, self.n
+        x0 = parts[0][0]
+        dt, dev = x0.dtype, x0.device
+        self._vnorm = {}
+        s = self.scales()
+        k = self._damping(first, hy, x0)
+        key = None if isinstance(k, Tensor) else (self._scale_key, dt, k, hy.maximize, hy.mu, hy.wd)
+        cg, mu_n, wd_n = self._cache("fused", key, lambda: self._coefs(s.to(dt), k, hy))
+        order, start, gid = self._cache("groups", dev, lambda: _group_order(self.ids, self.ng))
+        hyp = self._hyper(hy, dt, dev)
+        mode = 0 if hy.mu == 0 else (2 if hy.nesterov else 3)
+        q, qg = self.ws.get("q", (n,), x0), self.ws.get("qg", (self.ng,), x0)
+        layers = [
+            (tuple(None if t is None else t.view(a, b, -1) for t in part), slice(i, j))
+            for part, (i, j) in zip(parts, self.spans)
+        ]
+        for (x, g, v), c in layers:
+            fused_gpu.norms(x, g, v, cg[c], mu_n[c], wd_n[c], self.types[c], q[c], hyp, mode)
+        fused_gpu.group_sums(q, order, start, qg)
+        norm_g = self._norms(dt)
+        for (x, g, v), c in layers:
+            fused_gpu.step(
+                x, g, v, cg[c], mu_n[c], wd_n[c], self.types[c], gid[c], qg, norm_g, hyp, mode, self.full
+            )
+
+    def _hyper(self, hy: _Hyper, dt: torch.dtype, dev: torch.device) -> Tensor:
+        """(lr, radius, restep, μ) for the Triton kernels, in ``dt`` on the device (a Triton
+        kernel's float arguments are float32). Kept until lr changes; a device tensor lr is
+        copied in every step."""
+        lr = hy.lr
+        if isinstance(lr, Tensor) and lr.device.type != "cpu":
+            rest = (hy.radius, _RESTEP, hy.mu)
+            hyp = self._cache(
+                "hyp_rest", (*rest, dt, dev), lambda: _device_values((0.0, *rest), dt, dev)
+            ).clone()
+            hyp[0].copy_(lr.reshape(()))
+            return hyp
+        values = (float(lr), hy.radius, _RESTEP, hy.mu)
+        return self._cache("hyp", (*values, dt, dev), lambda: _device_values(values, dt, dev))
 
     def _blocks(self, parts: list[tuple], first: dict, hy: _Hyper) -> bool:
         """The step by :func:`pomfx.fused.block_step`, each component a block of an (N, A, B) copy of
@@ -1069,6 +1119,24 @@ class _KernelJob(_GroupNorms):
             for kk in range(col):
                 yj.addcmul_(Y[:, kk], R[kk, col], value=-1.0)
             yj.div_(R[col, col])
+
+
+def _device_values(values: tuple[float, ...], dt: torch.dtype, dev: torch.device) -> Tensor:
+    """``values`` as a tensor filled on the device: a host-to-device copy of a CPU tensor waits
+    for the device."""
+    out = torch.empty(len(values), dtype=dt, device=dev)
+    for i, v in enumerate(values):
+        out[i].fill_(v)
+    return out
+
+
+def _group_order(ids: Tensor, ng: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The components sorted by group (stably), where each of the ``ng`` groups' runs starts
+    (ng + 1,), and ``ids`` as int32: for :func:`pomfx.fused_gpu.group_sums`, built on the device
+    without a host sync."""
+    ordered, order = torch.sort(ids.long(), stable=True)
+    start = torch.searchsorted(ordered, torch.arange(ng + 1, device=ids.device))
+    return order, start, ids.to(torch.int32)
 
 
 def _soa_tmm(X: Tensor, Y: Tensor, out: Tensor) -> Tensor:

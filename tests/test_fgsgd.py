@@ -4,10 +4,14 @@ state (state_dict, resume bit for bit, schedulers, GradScaler, closures)."""
 
 from __future__ import annotations
 
+import collections
 import copy
 import io
 import itertools
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +19,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pomfx
-from pomfx import fused
+from pomfx import fused, fused_gpu
 from pomfx import manifolds as M
 from pomfx.parametrization import ComponentParameter
 from pomfx.renorm import poms
@@ -119,15 +123,29 @@ CONFIGS = [
 ]
 
 
+def gpu_path(monkeypatch, mode: str) -> bool:
+    """Sets up the CUDA code path ``mode`` on this machine: ``"batched"`` the torch ops (layers
+    side by side, no host sync), ``"triton"`` :mod:`pomfx.fused_gpu`'s kernels through Triton's
+    interpreter. Returns whether FG-SGD must run batched."""
+    if mode == "triton":
+        if not fused_gpu._interpreting():
+            pytest.skip("Triton compiles for the GPU here: the cuda tests run its kernels")
+        monkeypatch.setenv("POMFX_TRITON", "1")
+    elif mode == "batched":
+        monkeypatch.setenv("POMFX_TRITON", "0")
+    return mode in ("batched", "triton")
+
+
 @pytest.mark.parametrize("net", NETS)
-@pytest.mark.parametrize("mode", ["chunked", "torch-ops", "batched"])
+@pytest.mark.parametrize("mode", ["chunked", "torch-ops", "batched", "triton"])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(map(str, c)))
 def test_step_matches_reference_float64(cfg, mode, net, monkeypatch):
     """The step, as run on CPU (layers cut into chunks: numba's kernels, 5×5 and 7×7 kernels as
     blocks; or, with ``POMFX_FUSED=0``, the torch ops) and as run on CUDA (layers side by side,
-    batched small-matrix ops, no host sync), is Algorithm 1 written out per bucket (float64)."""
+    batched small-matrix ops, no host sync; or Triton's kernels for components of up to 16
+    entries), is Algorithm 1 written out per bucket (float64)."""
     manifolds, mu, damp, nest, wd, maxi, lr = cfg
-    batched = mode == "batched"
+    batched = gpu_path(monkeypatch, mode)
     if mode == "torch-ops":
         monkeypatch.setenv("POMFX_FUSED", "0")
     model = NETS[net](manifolds, dtype=torch.float64)
@@ -346,13 +364,13 @@ def _group_elements(pom, omega):
 
 
 @pytest.mark.parametrize("net", NETS)
-@pytest.mark.parametrize("batched", [False, True], ids=["chunked", "batched"])
+@pytest.mark.parametrize("mode", ["chunked", "batched", "triton"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_nonfinite_gradient_skips_its_group_only(bad, batched, net):
-    """(batched: the CUDA path, where no host sync decides anything: masks only)"""
+def test_nonfinite_gradient_skips_its_group_only(bad, mode, net, monkeypatch):
+    """(batched, triton: the CUDA paths, where no host sync decides anything: masks only)"""
     model = NETS[net]()
     opt = pomfx.FGSGD(model.parameters(), lr=0.1, momentum=0.9)
-    opt._batched = batched
+    opt._batched = gpu_path(monkeypatch, mode)
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     opt.step()  # a momentum to keep
@@ -370,6 +388,76 @@ def test_nonfinite_gradient_skips_its_group_only(bad, batched, net):
         assert not torch.equal(p.detach()[~m], w0[~m])  # the other groups moved
         assert torch.isfinite(p).all()
     assert max(pomfx.constraint_error(model).values()) < 1e-5
+
+
+def test_triton_group_sums_are_the_sums_in_a_fixed_order(monkeypatch):
+    """:func:`pomfx.fused_gpu.group_sums` over scattered groups, some empty and some longer than
+    a block, is the group sums, and the same bits on every call."""
+    gpu_path(monkeypatch, "triton")
+    from pomfx.optim import _group_order
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.cat([torch.randint(0, 40, (3000,), generator=g), torch.full((700,), 41)]).int()
+    ids = ids[torch.randperm(len(ids), generator=g)]
+    q = torch.rand(len(ids), generator=g, dtype=torch.float64)
+    order, start, _ = _group_order(ids, 45)  # groups 40, 42, 43, 44 empty; 41 has 700 members
+    qg = torch.full((45,), float("nan"), dtype=torch.float64)
+    fused_gpu.group_sums(q, order, start, qg)
+    ref = torch.zeros(45, dtype=torch.float64).index_add_(0, ids.long(), q)
+    torch.testing.assert_close(qg, ref, rtol=1e-14, atol=0)
+    again = torch.empty_like(qg)
+    fused_gpu.group_sums(q, order, start, again)
+    assert torch.equal(again, qg)
+
+
+def test_triton_step_is_three_launches_per_layer_and_the_torch_ops_step(monkeypatch):
+    """On the CUDA path, FG-SGD steps kernel layers of components up to 16 entries by Triton
+    kernels: per layer one launch for u's norms and one for the step, per job one for the group
+    sums; in float32 that step is the torch ops' (batched mode) to rounding, a repeated step is
+    the same bits, and ω stays on its manifolds."""
+    monkeypatch.setattr(fused_gpu, "_BLOCK", 16)  # several programs per layer
+    base = small_net("sp+ob+st+euc")
+    models = {mode: copy.deepcopy(base) for mode in ("batched", "triton", "again")}
+    opts = {}
+    for mode, model in models.items():
+        opts[mode] = pomfx.FGSGD(model.parameters(), lr=0.2, momentum=0.9, weight_decay=1e-3)
+        opts[mode]._batched = True
+    calls = collections.Counter()
+    for name in ("norms", "group_sums", "step"):
+        real = getattr(fused_gpu, name)
+        monkeypatch.setattr(fused_gpu, name, lambda *a, _f=real, _n=name: calls.update([_n]) or _f(*a))
+    for step in range(4):
+        g = torch.Generator().manual_seed(step)
+        grads = [torch.randn(p.shape, generator=g) * (5.0 if step == 0 else 1.0) for p in base.parameters()]
+        for mode, model in models.items():
+            monkeypatch.setenv("POMFX_TRITON", "0" if mode == "batched" else "1")
+            for p, gr in zip(model.parameters(), grads):
+                p.grad = gr.clone()
+            opts[mode].step()
+    kernel_layers = [p for p in omegas(base) if p.pom.layout.kernel]
+    jobs = {(p.pom._shape, p.dtype) for p in kernel_layers}
+    assert calls == {"norms": 4 * 2 * len(kernel_layers), "step": 4 * 2 * len(kernel_layers),
+                     "group_sums": 4 * 2 * len(jobs)}  # fmt: skip
+    for a, b, c in zip(*(m.parameters() for m in models.values())):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        assert torch.equal(b, c)
+        sa, sb, sc = (o.state[p].get("momentum_buffer") for o, p in zip(opts.values(), (a, b, c)))
+        if sa is not None:
+            torch.testing.assert_close(sb, sa, rtol=1e-4, atol=1e-5)
+            assert torch.equal(sb, sc)
+    assert max(pomfx.constraint_error(models["triton"]).values()) < 1e-5
+
+
+def test_triton_kernels_compile_for_the_h100_without_spills():
+    """The generated Triton source compiles for sm_90a (H100/H200) here, without a GPU
+    (``benchmarks/triton_ptx.py``: Triton's compiler and ptxas), and no kernel spills registers."""
+    pytest.importorskip("triton")
+    script = Path(__file__).parents[1] / "benchmarks" / "triton_ptx.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--shapes", "3x3,3x1"], capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count(" 0 bytes spilled") == 2 + 2 * 2 * 9, out.stdout  # every kernel listed
 
 
 def test_batched_jobs_stay_under_their_size_cap(monkeypatch):
@@ -410,14 +498,16 @@ class _HostSyncs(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("net", NETS)
+@pytest.mark.parametrize("mode", ["batched", "triton"])
 @pytest.mark.parametrize("mu, nesterov", [(0.0, False), (0.9, False), (0.9, True)])
-def test_batched_training_step_never_waits_for_the_device(monkeypatch, mu, nesterov, net):
-    """The CUDA code path (batched FG-SGD, pomfx's torch ops in the forward and backward) decides
-    nothing on the host from a tensor's value, finite gradients or not: no host sync."""
+def test_batched_training_step_never_waits_for_the_device(monkeypatch, mu, nesterov, mode, net):
+    """The CUDA code paths (batched FG-SGD by torch ops or Triton kernels, pomfx's torch ops in
+    the forward and backward) decide nothing on the host from a tensor's value, finite gradients
+    or not: no host sync."""
     monkeypatch.setenv("POMFX_FUSED", "0")  # the torch ops that CUDA runs
     model = NETS[net]("sp+ob+st+euc").train()
     opt = pomfx.FGSGD(model.parameters(), lr=0.1, momentum=mu, nesterov=nesterov, weight_decay=1e-3)
-    opt._batched = True
+    opt._batched = gpu_path(monkeypatch, mode)
     x = torch.randn(4, 3, 6, 6)
     for step in range(3):
         opt.zero_grad(set_to_none=True)
@@ -876,6 +966,34 @@ def test_cuda_step_matches_cpu(manifolds, nesterov):
     for a, b in zip(cpu.parameters(), gpu.parameters()):
         # (the scales are float32 buffers, their 1/R² rounds differently on the two devices)
         torch.testing.assert_close(b.cpu(), a, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_triton_step_matches_the_torch_ops(dtype, monkeypatch):
+    """The compiled Triton kernels (CUDA's default for kernel layers) against the torch ops
+    (``POMFX_TRITON=0``) on the GPU, with a capped first step, Nesterov and euc weight decay;
+    a repeated run is the same bits."""
+    base = small_net("sp+ob+st+euc", dtype=dtype).cuda()
+    models = {mode: copy.deepcopy(base) for mode in ("0", "1", "again")}
+    kw = dict(lr=0.2, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    opts = {mode: pomfx.FGSGD(m.parameters(), **kw) for mode, m in models.items()}
+    for step in range(4):
+        g = torch.Generator().manual_seed(step)
+        grads = [
+            torch.randn(p.shape, generator=g, dtype=dtype) * (5.0 if step == 0 else 1.0)
+            for p in base.parameters()
+        ]
+        for mode, model in models.items():
+            monkeypatch.setenv("POMFX_TRITON", "0" if mode == "0" else "1")
+            for p, gr in zip(model.parameters(), grads):
+                p.grad = gr.cuda()
+            opts[mode].step()
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for a, b, c in zip(*(m.parameters() for m in models.values())):
+        torch.testing.assert_close(b, a, rtol=tol, atol=tol)
+        assert torch.equal(b, c)
+    assert max(pomfx.constraint_error(models["1"]).values()) < 1e-5
 
 
 @pytest.mark.cuda
