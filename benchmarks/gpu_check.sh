@@ -30,7 +30,8 @@ run() {  # run LOG SECONDS CMD...: the command's output into $out/LOG, its tail 
 }
 
 run test_cuda.log 240 $py -m pytest -q -m cuda -p no:cacheprovider \
-    tests/test_fgsgd.py tests/test_amp.py tests/test_compile.py tests/test_distributed.py
+    tests/test_fgsgd.py tests/test_parametrization.py tests/test_amp.py tests/test_compile.py \
+    tests/test_distributed.py
 run step_eager.log 180 $py benchmarks/step_ratio.py --device cuda --variants plain,pomfx \
     --rounds 20 --no-memory --json "$out/step_eager.json"
 run step_graph.log 150 $py benchmarks/step_ratio.py --device cuda --variants plain,pomfx \

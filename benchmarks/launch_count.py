@@ -7,8 +7,8 @@ bottleneck (benchmarks/RESULTS.md, "GPU"). This script runs the code path that C
 ``foreach``) on the CPU under a dispatch mode that counts every aten op that would launch a
 kernel (views, allocations and metadata ops excluded), and the host syncs (``.item()``,
 ``bool()``, ``nonzero``), phase by phase. FG-SGD's Triton kernels (:mod:`pomfx.fused_gpu`, what
-CUDA runs for kernel layers) run through Triton's interpreter, each call counted as one launch
-(``--torch-ops``: the torch ops that CUDA runs without Triton)::
+CUDA runs for kernel layers and the λ hook) run through Triton's interpreter, each kernel called
+counted as one launch (``--torch-ops``: the torch ops that CUDA runs without Triton)::
 
     python benchmarks/launch_count.py                 # resnet50, like the GPU benchmark
     python benchmarks/launch_count.py --arch resnet18 --top 15
@@ -79,10 +79,10 @@ def _count_triton() -> None:
     """Each call of a :mod:`pomfx.fused_gpu` kernel counts as one launch ``triton.<name>``."""
     from pomfx import fused_gpu
 
-    def counted(name, fn):
+    def counted(names, fn):
         def call(*args):
             if Launches.active:
-                Launches.active[-1].launches[f"triton.{name}"] += 1
+                Launches.active[-1].launches.update(f"triton.{name}" for name in names)
             Launches.paused = True
             try:
                 return fn(*args)
@@ -91,9 +91,12 @@ def _count_triton() -> None:
 
         return call
 
-    for name in ("norms", "group_sums", "step"):
-        setattr(fused_gpu, name, counted(name, getattr(fused_gpu, name)))
+    kernels = {"norms": ["norms"], "group_sums": ["group_sums"], "step": ["step"]}
+    kernels["fold_channel_var"] = ["moments", "fold"]  # the λ hook's
+    for name, launched in kernels.items():
+        setattr(fused_gpu, name, counted(launched, getattr(fused_gpu, name)))
     fused_gpu._BLOCK = 1 << 14  # the interpreter runs programs one by one: fewer, wider ones
+    fused_gpu._PROGRAMS = 4
 
 
 def build(variant: str, arch: str, num_classes: int):

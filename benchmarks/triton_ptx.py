@@ -1,8 +1,8 @@
-"""Compiles FG-SGD's Triton kernels (:mod:`pomfx.fused_gpu`) for a GPU architecture on any
-machine, no GPU needed (Triton's compiler and its bundled ptxas run on the CPU), and prints each
-kernel's registers and spills: a check that the generated source compiles for the H100/H200
-(sm_90a) where no device is lent, and of the kernels' register pressure. Exits non-zero if a
-kernel fails to compile or spills::
+"""Compiles pomfx's Triton kernels (:mod:`pomfx.fused_gpu`: FG-SGD's, the λ fold's) for a GPU
+architecture on any machine, no GPU needed (Triton's compiler and its bundled ptxas run on the
+CPU), and prints each kernel's registers and spills: a check that the generated source compiles
+for the H100/H200 (sm_90a) where no device is lent, and of the kernels' register pressure. Exits
+non-zero if a kernel fails to compile or spills::
 
     python benchmarks/triton_ptx.py                    # every shape and mode, sm_90a
     python benchmarks/triton_ptx.py --shapes 3x3 --arch 80
@@ -22,12 +22,24 @@ os.environ["TRITON_INTERPRET"] = "0"  # compile for the GPU, before triton is im
 
 import torch  # noqa: E402
 
-_ELEM = {torch.float32: "fp32", torch.float64: "fp64"}
+_ELEM = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-def signature(kernel: str, dt: torch.dtype) -> dict[str, str]:
-    """Triton's argument types of :mod:`pomfx.fused_gpu`'s kernels (as the optimizer calls them)."""
+def signature(kernel: str, dt: torch.dtype, other: torch.dtype | None = None) -> dict[str, str]:
+    """Triton's argument types of :mod:`pomfx.fused_gpu`'s kernels (as pomfx calls them): ``dt``
+    the data's, ``other`` the λ kernels' x (moments) or running_var (fold)."""
     f = "*" + _ELEM[dt]
+    if kernel == "moments":  # dt: the sums'
+        ints = dict.fromkeys(("P", "C", "Q", "CHUNK", "S"), "i32")
+        head = {"x": "*" + _ELEM[other], "part": f, "nbt": "*i64"}
+        return {**head, **ints, "momentum": "fp32", "ROWS": "constexpr", "BP": "constexpr", "BI": "constexpr"}
+    if kernel == "fold":
+        return {"part": f, "rv": "*" + _ELEM[other], "nbt": "*i64", "C": "i32", "S": "i32", "n": "i32",
+                "BLOCK": "constexpr"}  # fmt: skip
+    if kernel == "block_map":  # dt: the product's, other: src's, out's and scale's
+        e = "*" + _ELEM[other]
+        return {"src": e, "index": "*i32", "scale": e, "out": e, "N": "i32", "TO_WEIGHT": "constexpr",
+                "BLOCK": "constexpr"}  # fmt: skip
     if kernel == "group_sums":
         return {"q": f, "order": "*i64", "start": "*i64", "qg": f, "BLOCK": "constexpr"}
     sig = {"X": f, "G": f, "V": f, "cg": f, "mu_eff": f, "wd": f, "types": "*i8"}
@@ -35,13 +47,13 @@ def signature(kernel: str, dt: torch.dtype) -> dict[str, str]:
     return {**sig, **extra, "hyp": f, "N": "i32", "BLOCK": "constexpr"}
 
 
-def compile_one(fn, kernel: str, dt: torch.dtype, block: int, arch: int) -> str:
+def compile_one(fn, sig: dict[str, str], constexprs: dict, arch: int) -> str:
     """ptxas's report ("N registers, S bytes spilled") of ``fn`` compiled for ``arch``."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(fn, signature(kernel, dt), constexprs={"BLOCK": block})
+    src = ASTSource(fn, sig, constexprs=constexprs)
     k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     sm = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
@@ -69,21 +81,38 @@ def main() -> int:
     args = ap.parse_args()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
-    failed = False
-    rows = [("group_sums", dt, None) for dt in dtypes]
-    rows += [(kernel, dt, spec) for spec in itertools.product(shapes, (0, 3, 2), (False, True))
-             for dt in dtypes for kernel in ("norms", "step")]  # fmt: skip
-    for kernel, dt, spec in rows:
-        if kernel == "group_sums":
-            mod, label, block = fused_gpu._group_module(), "group sums", fused_gpu._GROUP_BLOCK
-        else:
-            (a, b), mode, twice = spec
-            if kernel == "norms" and twice:
-                continue  # norms do not retract
-            mod, block = fused_gpu._kernels(a, b, mode, twice, dt), fused_gpu._BLOCK
+    jobs = [("group_sums", fused_gpu._group_module(), signature("group_sums", dt),
+             {"BLOCK": fused_gpu._GROUP_BLOCK}, "group sums", dt) for dt in dtypes]  # fmt: skip
+    for acc in dtypes:  # the λ fold: the sums' dtype, x's, rows (channels last) or planes
+        for x in [acc] if acc == torch.float64 else [torch.float16, torch.bfloat16, torch.float32]:
+            for rows in (True, False):
+                bi = 64 if rows else 1024
+                consts = {"ROWS": rows, "BP": fused_gpu._TILE // bi, "BI": bi}
+                mod = fused_gpu._moments_module(acc, torch.float32)
+                label = f"x {_ELEM[x]} {'rows' if rows else 'planes'}"
+                jobs.append(("moments", mod, signature("moments", acc, x), consts, label, acc))
+        for rv in dtypes:
+            mod, consts = fused_gpu._moments_module(acc, rv), {"BLOCK": fused_gpu._CHANNELS}
+            jobs.append(("fold", mod, signature("fold", acc, rv), consts, f"running_var {_ELEM[rv]}", acc))
+    for x in [torch.float16, torch.bfloat16, *dtypes]:  # block layers' maps, both ways
+        acc = torch.float64 if x == torch.float64 else torch.float32
+        if acc in dtypes:
+            for to in ("weight", "storage"):
+                consts = {"TO_WEIGHT": to == "weight", "BLOCK": fused_gpu._MAP_BLOCK}
+                sig = signature("block_map", acc, x)
+                jobs.append(
+                    ("block_map", fused_gpu._block_map_module(acc), sig, consts, f"{_ELEM[x]} to {to}", acc)
+                )
+    for (a, b), mode, twice in itertools.product(shapes, (0, 3, 2), (False, True)):
+        for dt in dtypes:
+            mod = fused_gpu._kernels(a, b, mode, twice, dt)
             label = f"{a}x{b} mode {mode}{' twice' if twice else ''}"
+            for kernel in ("step",) if twice else ("norms", "step"):  # norms do not retract
+                jobs.append((kernel, mod, signature(kernel, dt), {"BLOCK": fused_gpu._BLOCK}, label, dt))
+    failed = False
+    for kernel, mod, sig, consts, label, dt in jobs:
         try:
-            report = compile_one(getattr(mod, kernel), kernel, dt, block, args.arch)
+            report = compile_one(getattr(mod, kernel), sig, consts, args.arch)
             failed |= not report.endswith(" 0 bytes spilled")
         except Exception as e:  # noqa: BLE001 - reported, then the exit status says it
             report, failed = f"FAILED: {type(e).__name__}: {str(e)[:300]}", True

@@ -1,4 +1,4 @@
-"""Fused GPU kernels (Triton) for FG-SGD on kernel layers: a layer's step in three launches.
+"""Fused GPU kernels (Triton): FG-SGD's step of a kernel layer, and the λ hook's variance fold.
 
 On a GPU the torch ops of a kernel layer's step (:class:`pomfx.optim._KernelJob`, about 80
 elementwise ops per job) cost their launches, not their arithmetic: the step is bound by the
@@ -17,6 +17,15 @@ component, a component's entries in registers:
   transport. A group whose q_g is not finite (a NaN or inf in its gradient) stores nothing:
   its ω and momentum are left exactly as they were, decided on the device (no host sync).
 
+A block layer's map (:func:`block_map`), ``W[inverse] = ω ⊙ R`` and its backward gather, is one
+launch each way, where the torch ops are two (``index_put_`` then ``mul_``; ``mul`` then
+``index_select``) and a second pass over W.
+
+The λ hook's statistics (:func:`fold_channel_var`) are two launches per layer, where the torch
+ops (``var_mean``, then the count, its reciprocal, the clamp and the ``lerp_``) are five: shifted
+sums of a chunk of each channel per program, then the fold of the chunks' sums in a fixed order
+(the same bits on every run) into ``running_var``, and the count.
+
 Divisions and square roots round as IEEE's (``div_rn``/``sqrt_rn`` in float32). Layers whose
 components have more than :data:`pomfx.fused.MAX_ELEMENTS` entries, other dtypes, a machine
 without Triton and ``POMFX_TRITON=0`` keep the torch ops. Under Triton's interpreter the kernels
@@ -27,6 +36,7 @@ kernel's source from its file.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
@@ -38,12 +48,19 @@ import torch
 
 from . import fused
 
-__all__ = ["group_sums", "norms", "step", "usable"]
+__all__ = [
+    "block_map", "fold_channel_var", "fold_usable", "group_sums", "map_usable", "norms", "step", "usable",
+]  # fmt: skip
 
 _VERSION = 1  # of the generated source
 _BLOCK = 128  # components per program (a lane each)
 _GROUP_BLOCK = 128  # members of a group summed side by side
 _DTYPES = {torch.float32: "tl.float32", torch.float64: "tl.float64"}
+_INPUTS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # λ: x's dtypes
+_TILE = 2048  # elements of x a λ program reads per iteration
+_MAP_BLOCK = 1024  # elements per program of a block layer's map
+_CHANNELS = 128  # channels a λ fold program folds
+_PROGRAMS = 1024  # about as many λ programs per layer (their chunks split a channel's elements)
 _TINY = 1.1754943508222875e-38  # float32's smallest normal: the floor under a norm², as on the CPU
 _CACHE: dict = {}
 
@@ -61,16 +78,47 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def usable(t: torch.Tensor, rows: int, cols: int) -> bool:
-    """Whether these kernels step (rows × cols) components stored like ``t``: a CUDA tensor of
-    float32/64, components of at most :data:`pomfx.fused.MAX_ELEMENTS` entries, Triton
-    importable and not ``POMFX_TRITON=0``. A CPU tensor only under Triton's interpreter
-    (``TRITON_INTERPRET=1``, set before triton is imported) with ``POMFX_TRITON=1``: the tests'
-    way to run the kernels without a GPU."""
+def _ready(t: torch.Tensor) -> bool:
+    """Whether Triton may run on ``t``'s device here: a CUDA tensor, or a CPU one under Triton's
+    interpreter (``TRITON_INTERPRET=1``, set before triton is imported) with ``POMFX_TRITON=1``
+    (the tests' way to run the kernels without a GPU); Triton importable, not
+    ``POMFX_TRITON=0``, not under torch.compile (which traces the torch ops instead)."""
     flag = os.environ.get("POMFX_TRITON", "")
-    if flag == "0" or rows * cols > fused.MAX_ELEMENTS or t.dtype not in _DTYPES:
-        return False
-    return (t.is_cuda or (flag == "1" and _interpreting())) and _triton() is not None
+    return (
+        flag != "0"
+        and (t.is_cuda or (flag == "1" and _interpreting()))
+        and not torch.compiler.is_compiling()
+        and _triton() is not None
+    )
+
+
+def usable(t: torch.Tensor, rows: int, cols: int) -> bool:
+    """Whether these kernels step (rows × cols) components stored like ``t``: float32/64,
+    components of at most :data:`pomfx.fused.MAX_ELEMENTS` entries, where Triton may run."""
+    return rows * cols <= fused.MAX_ELEMENTS and t.dtype in _DTYPES and _ready(t)
+
+
+def fold_usable(x: torch.Tensor, running_var: torch.Tensor) -> bool:
+    """Whether :func:`fold_channel_var` folds ``x`` (P, C, Q), a view in memory order, into
+    ``running_var`` (float32/64, on x's device)."""
+    return (
+        x.dtype in _INPUTS
+        and running_var.dtype in _DTYPES
+        and running_var.is_contiguous()
+        and x.device == running_var.device
+        and x.is_contiguous()
+        and _ready(x)
+    )
+
+
+def map_usable(t: torch.Tensor) -> bool:
+    """Whether :func:`block_map` maps ``t`` (floating point, where Triton may run)."""
+    return t.dtype in _INPUTS and _ready(t)
+
+
+def _on(t: torch.Tensor):
+    """The device guard for a launch on ``t``: Triton launches on the current CUDA device."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 # -- source generation: the CPU kernels' statements, in Triton's dialect ----------------------------
@@ -199,6 +247,99 @@ def group_sums(q, order, start, qg, BLOCK: tl.constexpr):
 '''
 
 
+_MOMENTS = """import triton
+import triton.language as tl
+
+
+@triton.jit
+def moments(x, part, nbt, P, C, Q, CHUNK, S, momentum,
+            ROWS: tl.constexpr, BP: tl.constexpr, BI: tl.constexpr):
+    \"\"\"part (2, S, C) ← Σd, Σd² over the rows p of chunk s, d = x − x[0, c, 0], x (P, C, Q)
+    contiguous. ROWS (Q = 1, channels last): a program sums BI channels, (BP, BI) tiles of rows
+    × channels; else one channel, (BP, BI) tiles of rows × q. Program (0, 0) also writes the
+    fold's weight max(1/(nbt + 1), momentum) at part[2·S·C].\"\"\"
+    s = tl.program_id(1)
+    p0 = s.to(tl.int64) * CHUNK
+    p1 = tl.minimum(p0 + CHUNK, P)
+    if ROWS:
+        c = tl.program_id(0) * BI + tl.arange(0, BI)
+        cm = c < C
+        shift = tl.load(x + c, mask=cm, other=0.0).to({acc})
+        s1 = tl.zeros([BP, BI], dtype={acc})
+        s2 = tl.zeros([BP, BI], dtype={acc})
+        for pb in range(p0, p1, BP):
+            p = pb + tl.arange(0, BP)
+            m = (p < p1)[:, None] & cm[None, :]
+            v = tl.load(x + p[:, None] * C + c[None, :], mask=m, other=0.0).to({acc})
+            d = tl.where(m, v - shift[None, :], 0.0)
+            s1 += d
+            s2 += d * d
+        tl.store(part + s * C + c, tl.sum(s1, 0), mask=cm)
+        tl.store(part + (S + s) * C + c, tl.sum(s2, 0), mask=cm)
+    else:
+        c = tl.program_id(0)
+        shift = tl.load(x + c.to(tl.int64) * Q).to({acc})
+        s1 = tl.zeros([BP, BI], dtype={acc})
+        s2 = tl.zeros([BP, BI], dtype={acc})
+        for pb in range(p0, p1, BP):
+            p = pb + tl.arange(0, BP)
+            row = (p * C + c) * Q
+            for qb in range(0, Q, BI):
+                q = qb + tl.arange(0, BI)
+                m = (p < p1)[:, None] & (q < Q)[None, :]
+                v = tl.load(x + row[:, None] + q[None, :], mask=m, other=0.0).to({acc})
+                d = tl.where(m, v - shift, 0.0)
+                s1 += d
+                s2 += d * d
+        tl.store(part + s * C + c, tl.sum(tl.sum(s1, 1), 0))
+        tl.store(part + (S + s) * C + c, tl.sum(tl.sum(s2, 1), 0))
+    if (tl.program_id(0) == 0) & (s == 0):
+        seen = (tl.load(nbt) + 1).to(tl.float32)
+        tl.store(part + 2 * S * C, tl.maximum(tl.div_rn(seen * 0.0 + 1.0, seen), momentum))
+
+
+@triton.jit
+def fold(part, rv, nbt, C, S, n, BLOCK: tl.constexpr):
+    \"\"\"rv ← lerp(rv, var, w) per channel, var = (Σd² − (Σd)²/n)/n ≥ 0 from the chunks' sums
+    added in order, w from part[2·S·C]; then nbt ← nbt + 1 (read by moments only: no race).\"\"\"
+    pid = tl.program_id(0)
+    c = pid * BLOCK + tl.arange(0, BLOCK)
+    cm = c < C
+    s1 = tl.zeros([BLOCK], dtype={acc})
+    s2 = tl.zeros([BLOCK], dtype={acc})
+    for s in range(0, S):
+        s1 += tl.load(part + s * C + c, mask=cm, other=0.0)
+        s2 += tl.load(part + (S + s) * C + c, mask=cm, other=0.0)
+    cnt = s1 * 0.0 + n
+    var = tl.maximum({quot_var}, 0.0).to({rv})
+    w = tl.load(part + 2 * S * C).to({rv})
+    r = tl.load(rv + c, mask=cm, other=0.0)
+    new = tl.where(w < 0.5, r + w * (var - r), var - (var - r) * (1.0 - w))
+    tl.store(rv + c, new, mask=cm)
+    if pid == 0:
+        tl.store(nbt, tl.load(nbt) + 1)
+"""
+
+
+_BLOCK_MAP = """import triton
+import triton.language as tl
+
+
+@triton.jit
+def block_map(src, index, scale, out, N, TO_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
+    \"\"\"TO_WEIGHT: out[index[i]] = src[i]·scale[index[i]] (ω's storage order to the weight's);
+    else out[i] = src[index[i]]·scale[index[i]] (∇W to ∇ω); the product in {acc}.\"\"\"
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = i < N
+    j = tl.load(index + i, mask=m, other=0)
+    s = tl.load(scale + j, mask=m, other=0.0).to({acc})
+    if TO_WEIGHT:
+        tl.store(out + j, tl.load(src + i, mask=m, other=0.0).to({acc}) * s, mask=m)
+    else:
+        tl.store(out + i, tl.load(src + j, mask=m, other=0.0).to({acc}) * s, mask=m)
+"""
+
+
 def _module(key: tuple, source) -> object:
     """The generated module for ``key``, imported from its file (written atomically: ranks may
     race) under the cache folder, or a temporary one where that is not writable."""
@@ -241,8 +382,31 @@ def _group_module():
     return _module(("gs",), lambda: _GROUP_SUMS)
 
 
+def _block_map_module(acc: torch.dtype):
+    return _module(("bm", acc), lambda: _BLOCK_MAP.format(acc=_DTYPES[acc]))
+
+
+def _moments_source(acc: torch.dtype, rv: torch.dtype) -> str:
+    inner = _quotient(acc, "s1 * s1", "cnt")
+    quot = _quotient(acc, f"s2 - {inner}", "cnt")
+    return _MOMENTS.format(acc=_DTYPES[acc], rv=_DTYPES[rv], quot_var=quot)
+
+
+def _moments_module(acc: torch.dtype, rv: torch.dtype):
+    return _module(("m", acc, rv), lambda: _moments_source(acc, rv))
+
+
+def _cdiv(n: int, d: int) -> int:
+    return -(-n // d)
+
+
+def _pow2(n: int) -> int:
+    """The least power of two ≥ n (Triton's block sizes)."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
 def _grid(n: int) -> tuple[int]:
-    return ((n + _BLOCK - 1) // _BLOCK,)
+    return (_cdiv(n, _BLOCK),)
 
 
 def norms(X, G, V, cg, mu_eff, wd, types, q, hyp, mode: int) -> None:
@@ -250,14 +414,16 @@ def norms(X, G, V, cg, mu_eff, wd, types, q, hyp, mode: int) -> None:
     (lr, radius, restep, μ) in X's dtype; ``mode``: 0 no momentum, 3 heavy ball, 2 Nesterov."""
     n = X.shape[2]
     mod = _kernels(X.shape[0], X.shape[1], mode, False, X.dtype)
-    mod.norms[_grid(n)](X, G, X if V is None else V, cg, mu_eff, wd, types, q, hyp, n, BLOCK=_BLOCK)
+    with _on(X):
+        mod.norms[_grid(n)](X, G, X if V is None else V, cg, mu_eff, wd, types, q, hyp, n, BLOCK=_BLOCK)
 
 
 def group_sums(q, order, start, qg) -> None:
     """qg (G,) ← Σ_{c∈g} q_c, ``order`` the components sorted by group (stable), ``start`` (G+1,)
     where each group's run begins: a fixed order, so the sums are the same bits on every run."""
     mod = _group_module()
-    mod.group_sums[(qg.numel(),)](q, order, start, qg, BLOCK=_GROUP_BLOCK)
+    with _on(q):
+        mod.group_sums[(qg.numel(),)](q, order, start, qg, BLOCK=_GROUP_BLOCK)
 
 
 def step(X, G, V, cg, mu_eff, wd, types, gid, qg, norm_g, hyp, mode: int, twice: bool) -> None:
@@ -268,4 +434,45 @@ def step(X, G, V, cg, mu_eff, wd, types, gid, qg, norm_g, hyp, mode: int, twice:
     n = X.shape[2]
     mod = _kernels(X.shape[0], X.shape[1], mode, twice, X.dtype)
     V = X if V is None else V
-    mod.step[_grid(n)](X, G, V, cg, mu_eff, wd, types, gid, qg, norm_g, hyp, n, BLOCK=_BLOCK)
+    with _on(X):
+        mod.step[_grid(n)](X, G, V, cg, mu_eff, wd, types, gid, qg, norm_g, hyp, n, BLOCK=_BLOCK)
+
+
+def fold_channel_var(x: torch.Tensor, running_var: torch.Tensor, seen: torch.Tensor, momentum: float) -> None:
+    """``running_var ← running_var + w·(var − running_var)``, w = max(1/(seen + 1), momentum),
+    then ``seen += 1``: var the variance of each channel of ``x`` (P, C, Q) over P and Q, from
+    sums of d = x − x[0, c, 0] (no cancellation when the mean is large against the spread) in
+    float32 (float64 for a float64 x). Two launches; chunks and their order fixed by the shape."""
+    p, c, q = x.shape
+    rows = q == 1
+    if rows:  # a block of channels per program, the rows cut into chunks
+        bi = min(64, _pow2(c))
+        bp, ncb = _TILE // bi, _cdiv(c, bi)
+        s = max(1, min(_cdiv(_PROGRAMS, ncb), _cdiv(p, 4 * bp)))
+        chunk = _cdiv(_cdiv(p, s), bp) * bp
+    else:  # a channel per program, its P planes cut into chunks
+        bi, ncb = min(1024, _pow2(q)), c
+        chunk = _cdiv(p, max(1, min(_cdiv(_PROGRAMS, c), p)))
+        bp = min(_pow2(chunk), _TILE // bi)
+    s = _cdiv(p, chunk)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    part = torch.empty(2 * s * c + 1, dtype=acc, device=x.device)
+    mod = _moments_module(acc, running_var.dtype)
+    with _on(x):
+        mod.moments[(ncb, s)](x, part, seen, p, c, q, chunk, s, momentum, ROWS=rows, BP=bp, BI=bi)
+        mod.fold[(_cdiv(c, _CHANNELS),)](part, running_var, seen, c, s, p * q, BLOCK=_CHANNELS)
+
+
+def block_map(src: torch.Tensor, index: torch.Tensor, scale: torch.Tensor, to: str) -> torch.Tensor:
+    """A block layer's elements moved and scaled in one launch, into a new flat tensor: ``to``
+    ``"weight"``: ``W[index] = src ⊙ R[index]`` (ω to W); ``"storage"``: ``src[index] ⊙
+    R[index]`` (∇W to ∇ω). ``index`` the layout's inverse permutation, ``scale`` R flat in the
+    weight's order; the product in float32 (float64 if either is), as torch's ``mul``."""
+    n = src.numel()
+    out = src.new_empty(n)
+    acc = torch.float64 if torch.float64 in (src.dtype, scale.dtype) else torch.float32
+    with _on(src):
+        _block_map_module(acc).block_map[(_cdiv(n, _MAP_BLOCK),)](
+            src, index, scale, out, n, TO_WEIGHT=to == "weight", BLOCK=_MAP_BLOCK
+        )
+    return out

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from . import fused
+from . import fused, fused_gpu
 from . import manifolds as _m
 from .layout import Layout
 
@@ -223,7 +223,8 @@ class _ScaleKernels(torch.autograd.Function):
 class _ScatterScale(torch.autograd.Function):
     """Block layouts: ``W[inverse] = stored``, then ``W ⊙= R`` (an element scatter: a permutation);
     the backward is the gather ``(R ⊙ ∇W)[inverse]``. On a CPU both run row by row through the
-    layout's :class:`~pomfx.layout.BlockMap`. Only the maps and R are read, both kept by the POM
+    layout's :class:`~pomfx.layout.BlockMap`, on CUDA each in one Triton launch
+    (:func:`pomfx.fused_gpu.block_map`). Only the maps and R are read, both kept by the POM
     anyway: nothing per element is saved for the backward."""
 
     @staticmethod
@@ -232,6 +233,8 @@ class _ScatterScale(torch.autograd.Function):
         ctx.bmap, ctx.pool = bmap, pool  # bmap None under torch.compile: the torch ops are traced
         if bmap is not None and omega.is_contiguous():
             return fused.block_map(omega, bmap, scale.reshape(-1), "weight", pool.take(omega.numel(), omega))
+        if fused_gpu.map_usable(omega):  # one launch
+            return fused_gpu.block_map(omega.contiguous(), inverse, scale.reshape(-1), "weight")
         w = omega.new_empty(omega.shape).index_put_((inverse,), omega)
         return w.mul_(scale.view(-1))
 
@@ -242,6 +245,9 @@ class _ScatterScale(torch.autograd.Function):
             g = g.reshape(-1).contiguous()
             gw = fused.block_map(g, ctx.bmap, scale.reshape(-1), "storage", ctx.pool.take(g.numel(), g))
             ctx.pool.adopt(g)  # ∇W's memory serves the next step's W
+            return gw, None, None, None, None
+        if fused_gpu.map_usable(g) and not torch.is_grad_enabled():  # one launch
+            gw = fused_gpu.block_map(g.reshape(-1).contiguous(), inverse, scale.reshape(-1), "storage")
             return gw, None, None, None, None
         return (g.reshape(-1) * scale.view(-1)).index_select(0, inverse), None, None, None, None
 
@@ -357,12 +363,22 @@ class POM(nn.Module):
         return w.reshape(lay.weight_shape)
 
     def right_inverse(self, weight: Tensor) -> Tensor:
-        """ω for a given weight: ``project(W / R)`` per component (assigning ``module.weight = W``)."""
-        return self.omega_from_weight(weight)
+        """ω for a given weight: ``project(W / R)`` per component (assigning ``module.weight = W``).
+
+        torch's parametrize takes a ``NotImplementedError`` here for "no right inverse" and would
+        keep W itself as ω, silently: such an error is raised as a ``RuntimeError`` instead."""
+        try:
+            return self.omega_from_weight(weight)
+        except NotImplementedError as e:
+            raise RuntimeError(f"pomfx could not compute ω from a {weight.dtype} weight: {e}") from e
 
     @torch.no_grad()
     def omega_from_weight(self, weight: Tensor) -> Tensor:
-        """Each component of ``W / R`` projected onto its manifold, in storage order."""
+        """Each component of ``W / R`` projected onto its manifold, in storage order (for a
+        float16/bfloat16 weight computed in float32, which torch's factorizations need, then
+        rounded)."""
+        if weight.dtype in (torch.float16, torch.bfloat16):
+            return self.omega_from_weight(weight.float()).to(weight.dtype)
         p, q = self.layout.weight_shape[:2]
         lay = self.layout
         if lay.kernel and _fusable(weight, *self._shape):  # one pass: divide, project, store

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from . import fused
+from . import fused, fused_gpu
 from .parametrization import POM, _fused_map
 
 __all__ = ["MOMENTUM", "lambda_hook", "poms", "update_scales"]
@@ -42,8 +42,9 @@ def lambda_hook(module: nn.Module, args: tuple) -> None:
     original's. On CPU the variance is computed from sums over the non-channel dimensions of the
     input shifted by one of its samples (no cancellation when the mean is large against the
     spread; :func:`pomfx.fused.fold_channel_var` in one pass where it can), on CUDA by
-    ``var_mean``; the running value is a cumulative average over the first batches, then an
-    exponential one (momentum 0.1), without a host sync.
+    :func:`pomfx.fused_gpu.fold_channel_var` (the same sums, two launches; else ``var_mean``).
+    The running value is a cumulative average over the first batches, then an exponential one
+    (momentum 0.1), without a host sync.
     """
     if not module.training or not args or not isinstance(args[0], Tensor):
         return
@@ -56,19 +57,39 @@ def lambda_hook(module: nn.Module, args: tuple) -> None:
     count = x.numel() // x.shape[cdim]
     if count < 2:
         return
-    rv = pom.running_var
-    if _fused_map(x) and _fused_map(rv) and x.is_contiguous() and rv.is_contiguous():  # one read of x
-        weight = max(1.0 / (int(pom.num_batches_tracked) + 1), MOMENTUM)
-        fused.fold_channel_var(x.view(math.prod(x.shape[:cdim]), x.shape[cdim], -1), rv, weight)
-        pom.num_batches_tracked.add_(1)  # in place: no Module.__setattr__
+    rv, seen = pom.running_var, pom.num_batches_tracked
+    view = _channel_view(x, cdim)  # no copy
+    if view is not None and _fused_map(x) and _fused_map(rv) and rv.is_contiguous():  # one read
+        fused.fold_channel_var(view, rv, max(1.0 / (int(seen) + 1), MOMENTUM))
+        seen.add_(1)  # in place: no Module.__setattr__
+        return
+    if view is not None and fused_gpu.fold_usable(view, rv):  # two launches, no host sync
+        fused_gpu.fold_channel_var(view, rv, seen, MOMENTUM)
         return
     if x.is_cuda:  # one fused Welford kernel there
         dims = [d for d in range(x.dim()) if d != cdim]
-        var = torch.var_mean(x.float(), dims, correction=0)[0]
+        var = torch.var_mean(_accurate(x), dims, correction=0)[0]
     else:
         var = _shifted_var(x, cdim, count)
-    seen = pom.num_batches_tracked.add_(1)  # this batch counted: the weight is 1/seen, at least 0.1
+    seen.add_(1)  # this batch counted: the weight is 1/seen, at least 0.1
     rv.lerp_(var.to(rv.dtype), seen.reciprocal().clamp_(min=MOMENTUM).to(rv.dtype))
+
+
+def _channel_view(x: Tensor, cdim: int) -> Tensor | None:
+    """``x`` as (P, C, Q) in its memory order, C its channels (a view, no copy): P the dims laid
+    out outside the channel's, Q those inside it (contiguous: the dims before and after ``cdim``;
+    channels-last: Q = 1). None where x's elements are not dense in memory."""
+    order = sorted(range(x.dim()), key=lambda d: -x.stride(d))  # outermost first
+    y = x.permute(order)
+    if not y.is_contiguous():
+        return None
+    i = order.index(cdim)
+    return y.view(math.prod(y.shape[:i]), x.shape[cdim], -1)
+
+
+def _accurate(x: Tensor) -> Tensor:
+    """``x`` in the dtype its statistics are summed in: float64 stays, the rest float32."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def _shifted_var(x: Tensor, cdim: int, count: int) -> Tensor:
@@ -78,7 +99,7 @@ def _shifted_var(x: Tensor, cdim: int, count: int) -> Tensor:
     pick[cdim] = slice(None)
     shape = [1] * x.dim()
     shape[cdim] = -1
-    xf = x.float()
+    xf = _accurate(x)
     d = xf - xf[tuple(pick)].reshape(shape)
     dims = [i for i in range(x.dim()) if i != cdim]
     s1 = d.sum(dims)

@@ -10,9 +10,10 @@ import io
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import pomfx
+from pomfx import fused_gpu
 from pomfx import manifolds as M
 from pomfx.parametrization import LAMBDA_CLAMP, ComponentParameter
 from pomfx.renorm import poms
@@ -126,6 +127,21 @@ def test_lambda_statistics_train_mode_only():
     assert all(int(pom.num_batches_tracked) == 1 for _, _, pom, _ in layers(model))
 
 
+def lambda_net(dtype):
+    """A conv (N, C, H, W) input, Linear inputs (N, T, C) and (N, C): the λ hook's layouts."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(2), nn.Linear(36, 20), nn.ReLU(),
+        nn.Flatten(), nn.Linear(160, 64), nn.ReLU(), nn.Linear(64, 5),
+    ).to(dtype)  # fmt: skip
+    return pomfx.convert(model, include=[nn.Conv2d, nn.Linear], exclude=["8"])
+
+
+def lambda_batches(dtype, n=5):
+    """Five batches whose mean is large against the spread."""
+    return [torch.randn(16, 3, 6, 6, dtype=dtype) * (1 + i) + 1000 for i in range(n)]
+
+
 @pytest.mark.skipif(not pomfx.fused.enabled(), reason="numba kernels disabled (POMFX_FUSED=0)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fused_lambda_statistics_equal_the_torch_reductions(dtype, monkeypatch):
@@ -133,13 +149,8 @@ def test_fused_lambda_statistics_equal_the_torch_reductions(dtype, monkeypatch):
     sums it replaces, over five batches (the cumulative average, then the EMA): convs (N, C, H, W),
     Linear inputs (N, C) and (N, T, C) (channels last), a mean large against the spread; and
     the same value bit for bit whatever the thread count."""
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(2), nn.Linear(36, 20), nn.ReLU(),
-        nn.Flatten(), nn.Linear(160, 64), nn.ReLU(), nn.Linear(64, 5),
-    ).to(dtype)  # fmt: skip
-    model = pomfx.convert(model, include=[nn.Conv2d, nn.Linear], exclude=["8"])
-    xs = [torch.randn(16, 3, 6, 6, dtype=dtype) * (1 + i) + 1000 for i in range(5)]
+    model = lambda_net(dtype)
+    xs = lambda_batches(dtype)
 
     def stats(threads=None):
         m = copy.deepcopy(model)
@@ -160,6 +171,173 @@ def test_fused_lambda_statistics_equal_the_torch_reductions(dtype, monkeypatch):
     for a, b in zip(fused, reference):
         assert not torch.equal(a, torch.ones_like(a))
         torch.testing.assert_close(a, b, rtol=1e-5, atol=0)  # (the torch sums run in float32)
+
+
+def lambda_stats(model, xs, bf16: bool) -> list[Tensor]:
+    """The running variances of a copy of ``model`` after a forward of each of ``xs`` (every
+    other one channels-last); ``bf16``: under autocast."""
+    m = copy.deepcopy(model)
+    dev = xs[0].device.type
+    with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
+        for i, x in enumerate(xs):
+            m(x.to(memory_format=torch.channels_last) if i % 2 else x)
+    assert all(int(p.num_batches_tracked) == len(xs) for _, _, p, _ in layers(m))
+    return [pom.running_var.clone() for _, _, pom, _ in layers(m)]
+
+
+def check_triton_lambda(dtype, device, monkeypatch) -> list[tuple]:
+    """The λ statistics by Triton's kernels against the torch ops' (POMFX_TRITON=0), to 1e-5, and
+    the same bits on a rerun; returns the shapes (P, C, Q) the kernels were given."""
+    base = torch.float32 if dtype == torch.bfloat16 else dtype
+    model = lambda_net(base).to(device)
+    xs = [x.to(device) for x in lambda_batches(base)]
+    calls = []
+    fold = fused_gpu.fold_channel_var
+    monkeypatch.setattr(fused_gpu, "fold_channel_var", lambda x, *a: calls.append(x.shape) or fold(x, *a))
+    monkeypatch.setenv("POMFX_TRITON", "1")
+    triton, again = (lambda_stats(model, xs, dtype == torch.bfloat16) for _ in range(2))
+    shapes = list(calls)
+    monkeypatch.setenv("POMFX_TRITON", "0")
+    reference = lambda_stats(model, xs, dtype == torch.bfloat16)
+    assert len(calls) == len(shapes) == 2 * 3 * len(xs)
+    for a, b, c in zip(triton, again, reference):
+        assert torch.equal(a, b) and not torch.equal(a, torch.ones_like(a))
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=0)
+    return shapes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_triton_lambda_statistics_equal_the_torch_ops(dtype, monkeypatch):
+    """The λ hook's Triton kernels (:func:`pomfx.fused_gpu.fold_channel_var`, CUDA's path; here
+    through Triton's interpreter) against the torch ops, over five batches: conv inputs
+    contiguous (planes) and channels-last (rows), Linear inputs (N, T, C) and (N, C), a mean
+    large against the spread, bfloat16 activations under autocast; the same bits on a rerun."""
+    if not fused_gpu._interpreting():
+        pytest.skip("Triton compiles for the GPU here: test_cuda_lambda_statistics_match runs it")
+    monkeypatch.setenv("POMFX_FUSED", "0")  # CUDA's path: no numba
+    monkeypatch.setattr(fused_gpu, "_PROGRAMS", 16)  # fewer, longer chunks: the interpreter is slow
+    shapes = check_triton_lambda(dtype, "cpu", monkeypatch)
+    assert (16 * 36, 3, 1) in shapes and (16, 3, 36) in shapes  # rows and planes
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cuda_lambda_statistics_match_the_torch_ops(dtype, monkeypatch):
+    """On the GPU: the λ hook's compiled Triton kernels (its default there) against
+    ``var_mean`` (``POMFX_TRITON=0``), to 1e-5, and the same bits on a rerun."""
+    check_triton_lambda(dtype, "cuda", monkeypatch)
+
+
+def check_block_map(dtype, device, monkeypatch) -> list[tuple[Tensor, Tensor]]:
+    """W, the output and ∇ω of a net of block layers by :func:`pomfx.fused_gpu.block_map` and by
+    the torch ops (``index_put_``, ``mul_``; ``mul``, ``index_select``), in pairs."""
+    monkeypatch.setenv("POMFX_FUSED", "0")  # CUDA's path: no numba
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(12, 24, 1), nn.ReLU(), nn.Flatten(), nn.Linear(24 * 9, 20), nn.ReLU(), nn.Linear(20, 10)
+    ).to(device, dtype)  # fmt: skip
+    model = pomfx.convert(model, scheme="pio").eval()
+    assert not any(pom.layout.kernel for _, _, pom, _ in layers(model))
+    x = torch.randn(5, 12, 3, 3, dtype=dtype, device=device)
+    calls = []
+    bmap = fused_gpu.block_map
+    monkeypatch.setattr(fused_gpu, "block_map", lambda *a: calls.append(a[-1]) or bmap(*a))
+
+    def run(flag):
+        monkeypatch.setenv("POMFX_TRITON", flag)
+        m = copy.deepcopy(model)
+        out = m(x)
+        out.square().sum().backward()
+        weights = [mod.weight.detach() for _, mod, _, _ in layers(m)]
+        return [*weights, out.detach(), *(p.grad for p in m.parameters())]
+
+    triton = run("1")
+    assert calls == ["weight"] * 2 + ["storage"] * 2 + ["weight"] * 2  # the forward, ∇ω, W
+    pairs = list(zip(triton, run("0")))
+    assert len(calls) == 6 and all(a.dtype == b.dtype == dtype for a, b in pairs)
+    return pairs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_triton_block_map_is_the_torch_ops(dtype, monkeypatch):
+    """A block layer's map on CUDA's path, one Triton launch each way
+    (:func:`pomfx.fused_gpu.block_map`, here through Triton's interpreter): W, the output and
+    ∇ω bit for bit those of the torch ops. (In bfloat16 the maps within an ulp: the interpreter
+    rounds float32 to bfloat16 half up, where the GPU and torch round half to even.)"""
+    if not fused_gpu._interpreting():
+        pytest.skip("Triton compiles for the GPU here: test_cuda_block_map_is_the_torch_ops runs it")
+    pairs = check_block_map(dtype, "cpu", monkeypatch)
+    if dtype != torch.bfloat16:
+        assert all(torch.equal(a, b) for a, b in pairs)
+        return
+    ulp = dict(rtol=2**-7, atol=0)  # the interpreter's bfloat16 rounding: W and ∇ω within an ulp
+    for a, b in pairs[:2]:
+        torch.testing.assert_close(a, b, **ulp)
+    g, inverse = torch.randn(4320, dtype=dtype), torch.randperm(4320).int()
+    scale = torch.rand(4320, dtype=dtype)
+    torch.testing.assert_close(
+        fused_gpu.block_map(g, inverse, scale, "storage"), (g * scale).index_select(0, inverse), **ulp
+    )
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cuda_block_map_is_the_torch_ops(dtype, monkeypatch):
+    """On the GPU: the compiled block map's W, output and ∇ω are the torch ops' bit for bit."""
+    assert all(torch.equal(a, b) for a, b in check_block_map(dtype, "cuda", monkeypatch))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_converts(dtype, monkeypatch):
+    """A float16/bfloat16 model converts: ω computed in float32 (torch's factorizations have no
+    half kernels on a CPU), then rounded; never the raw weight left as ω, which torch's
+    parametrize makes of a ``NotImplementedError`` from ``right_inverse`` (raised instead)."""
+    torch.manual_seed(0)
+    ref = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 20), nn.ReLU(), nn.Linear(20, 5)
+    )  # fmt: skip
+    half = pomfx.convert(copy.deepcopy(ref).to(dtype), scheme="pio")
+    full = pomfx.convert(copy.deepcopy(ref), scheme="pio")
+    tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
+    for (_, _, _, oh), (_, _, _, of) in zip(layers(half), layers(full), strict=True):
+        assert oh.dtype == dtype and oh.shape == of.shape
+        torch.testing.assert_close(oh.float(), of, rtol=0, atol=tol)
+    assert max(pomfx.constraint_error(half).values()) < tol
+    x = torch.randn(4, 3, 6, 6)
+    torch.testing.assert_close(half(x.to(dtype)).float(), full(x), rtol=0, atol=5 * tol)
+
+    def missing(self, weight):
+        raise NotImplementedError("no kernel")
+
+    monkeypatch.setattr(pomfx.parametrization.POM, "omega_from_weight", missing)
+    with pytest.raises(RuntimeError, match="could not compute ω from a"):
+        pomfx.convert(copy.deepcopy(ref), scheme="pio")
+
+
+@pytest.mark.parametrize(
+    "shape,dtype",
+    [((3, 5, 3000), torch.float32), ((200, 3, 7), torch.float16), ((37, 150, 1), torch.float32),
+     ((2100, 5, 1), torch.bfloat16), ((9, 4, 2), torch.float64)],
+)  # fmt: skip
+def test_triton_fold_channel_var_chunks_and_tiles(shape, dtype, monkeypatch):
+    """:func:`pomfx.fused_gpu.fold_channel_var` on x (P, C, Q) whose chunks and tiles end part
+    way: planes wider than a tile, many chunks of rows, several blocks of channels; the weight
+    1/(seen + 1), then 0.1 (in float32), and ``seen`` counted on the device."""
+    if not fused_gpu._interpreting():
+        pytest.skip("Triton compiles for the GPU here")
+    monkeypatch.setenv("POMFX_TRITON", "1")
+    monkeypatch.setattr(fused_gpu, "_PROGRAMS", 16)  # fewer, longer chunks: the interpreter is slow
+    g = torch.Generator().manual_seed(1)
+    rv = torch.rand(shape[1], generator=g, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    expected, seen = rv.to(torch.float64, copy=True), torch.tensor(7)
+    for i in range(3):
+        x = (torch.randn(shape, generator=g, dtype=torch.float64) * (2 + i) - 300).to(dtype)
+        assert fused_gpu.fold_usable(x, rv)
+        fused_gpu.fold_channel_var(x, rv, seen, 0.1)
+        w = float(max(np.float32(1) / np.float32(8 + i), np.float32(0.1)))  # float32, as torch's
+        expected = expected + w * (x.double().var(dim=(0, 2), unbiased=False) - expected)
+    assert int(seen) == 10
+    torch.testing.assert_close(rv.double(), expected, rtol=1e-5 if dtype != torch.float64 else 1e-12, atol=0)
 
 
 @pytest.mark.parametrize(
