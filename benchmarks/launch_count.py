@@ -6,9 +6,10 @@ bottleneck (benchmarks/RESULTS.md, "GPU"). This script runs the code path that C
 (FG-SGD's batched mode, pomfx's torch ops instead of the CPU's numba kernels, torch SGD with
 ``foreach``) on the CPU under a dispatch mode that counts every aten op that would launch a
 kernel (views, allocations and metadata ops excluded), and the host syncs (``.item()``,
-``bool()``, ``nonzero``), phase by phase. FG-SGD's Triton kernels (:mod:`pomfx.fused_gpu`, what
-CUDA runs for kernel layers and the λ hook) run through Triton's interpreter, each kernel called
-counted as one launch (``--torch-ops``: the torch ops that CUDA runs without Triton)::
+``bool()``, ``nonzero``), phase by phase. pomfx's Triton kernels (:mod:`pomfx.fused_gpu`, what
+CUDA runs for kernel layers' step, the λ hook and block layers' maps) run through Triton's
+interpreter, each kernel called counted as one launch (``--torch-ops``: FG-SGD's torch ops, as
+CUDA runs them without Triton)::
 
     python benchmarks/launch_count.py                 # resnet50, like the GPU benchmark
     python benchmarks/launch_count.py --arch resnet18 --top 15
@@ -75,26 +76,37 @@ def _cuda_batch_var(x, cdim: int, count: int):
     return torch.var_mean(x.float(), [d for d in range(x.dim()) if d != cdim], correction=0)[0]
 
 
+class _Counted:
+    """A generated module of :mod:`pomfx.fused_gpu` whose kernels count their launches."""
+
+    def __init__(self, mod):
+        self._mod = mod
+
+    def __getattr__(self, name: str):
+        kernel = getattr(self._mod, name)
+
+        def launcher(grid):
+            def launch(*args, **kwargs):
+                if Launches.active:
+                    Launches.active[-1].launches[f"triton.{name}"] += 1
+                Launches.paused = True  # (the interpreter's own ops are not launches)
+                try:
+                    return kernel[grid](*args, **kwargs)
+                finally:
+                    Launches.paused = False
+
+            return launch
+
+        return type("Kernel", (), {"__getitem__": lambda _, grid: launcher(grid)})()
+
+
 def _count_triton() -> None:
-    """Each call of a :mod:`pomfx.fused_gpu` kernel counts as one launch ``triton.<name>``."""
+    """Each launch of a :mod:`pomfx.fused_gpu` kernel counts as one, ``triton.<name>``; the
+    torch ops around them (allocations, products, factorizations) count as themselves."""
     from pomfx import fused_gpu
 
-    def counted(names, fn):
-        def call(*args):
-            if Launches.active:
-                Launches.active[-1].launches.update(f"triton.{name}" for name in names)
-            Launches.paused = True
-            try:
-                return fn(*args)
-            finally:
-                Launches.paused = False
-
-        return call
-
-    kernels = {"norms": ["norms"], "group_sums": ["group_sums"], "step": ["step"]}
-    kernels["fold_channel_var"] = ["moments", "fold"]  # the λ hook's
-    for name, launched in kernels.items():
-        setattr(fused_gpu, name, counted(launched, getattr(fused_gpu, name)))
+    real = fused_gpu._module
+    fused_gpu._module = lambda key, source: _Counted(real(key, source))
     fused_gpu._BLOCK = 1 << 14  # the interpreter runs programs one by one: fewer, wider ones
     fused_gpu._PROGRAMS = 4
 

@@ -25,6 +25,18 @@ import torch  # noqa: E402
 _ELEM = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
+_BLOCK_ARGS = {  # name, kind: f a pointer to the data's dtype, n an int, c a constexpr
+    "prep": [("G", "f"), ("SROW", "f"), ("SCOL", "f"), ("OUT", "f"), ("GID", "i32"), ("BADG", "i32"),
+             ("A", "n"), ("B", "n"), ("TA", "c"), ("TB", "c")],
+    "compose": [("M", "f"), ("OUT", "f"), ("TYPES", "i8"), ("GID", "i32"), ("BADG", "i32"), ("OKC", "f"),
+                ("B", "n"), ("MODE", "c"), ("TR", "c"), ("TB", "c")],
+    "direction": [("D", "f"), ("X", "f"), ("V", "f"), ("TYPES", "i8"), ("OKC", "f"), ("KC", "f"), ("QP", "f"),
+                  ("HYP", "f"), ("A", "n"), ("B", "n"), ("T", "n"), ("MODE", "c"), ("TA", "c"), ("TB", "c")],
+    "move": [("X", "f"), ("U", "f"), ("TYPES", "i8"), ("OKC", "f"), ("GID", "i32"), ("QG", "f"),
+             ("NORMG", "f"), ("HYP", "f"), ("A", "n"), ("B", "n"), ("TA", "c"), ("TB", "c")],
+}  # fmt: skip
+
+
 def signature(kernel: str, dt: torch.dtype, other: torch.dtype | None = None) -> dict[str, str]:
     """Triton's argument types of :mod:`pomfx.fused_gpu`'s kernels (as pomfx calls them): ``dt``
     the data's, ``other`` the λ kernels' x (moments) or running_var (fold)."""
@@ -40,6 +52,9 @@ def signature(kernel: str, dt: torch.dtype, other: torch.dtype | None = None) ->
         e = "*" + _ELEM[other]
         return {"src": e, "index": "*i32", "scale": e, "out": e, "N": "i32", "TO_WEIGHT": "constexpr",
                 "BLOCK": "constexpr"}  # fmt: skip
+    if kernel in _BLOCK_ARGS:  # the block jobs' kernels
+        types = {"f": f, "i8": "*i8", "i32": "*i32", "n": "i32", "c": "constexpr"}
+        return {name: types[kind] for name, kind in _BLOCK_ARGS[kernel]}
     if kernel == "group_sums":
         return {"q": f, "order": "*i64", "start": "*i64", "qg": f, "BLOCK": "constexpr"}
     sig = {"X": f, "G": f, "V": f, "cg": f, "mu_eff": f, "wd": f, "types": "*i8"}
@@ -103,6 +118,15 @@ def main() -> int:
                 jobs.append(
                     ("block_map", fused_gpu._block_map_module(acc), sig, consts, f"{_ELEM[x]} to {to}", acc)
                 )
+    for dt in dtypes:  # block jobs: a 512×128 block's tiles, each mode
+        ta, tb, _ = fused_gpu.block_tiles(512, 128)
+        tr = 1024 // tb
+        mod = fused_gpu._blocks_module(dt)
+        for kernel, consts in [("prep", {}), *[("compose", {"MODE": m, "TR": tr}) for m in (0, 1, 2)],
+                               *[("direction", {"MODE": m}) for m in (0, 3, 2)], ("move", {})]:  # fmt: skip
+            consts = {**consts, "TB": tb} if kernel == "compose" else {**consts, "TA": ta, "TB": tb}
+            label = f"blocks{' mode ' + str(consts['MODE']) if 'MODE' in consts else ''}"
+            jobs.append((kernel, mod, signature(kernel, dt), consts, label, dt))
     for (a, b), mode, twice in itertools.product(shapes, (0, 3, 2), (False, True)):
         for dt in dtypes:
             mod = fused_gpu._kernels(a, b, mode, twice, dt)

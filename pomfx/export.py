@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pomfx.manifolds import ieee_matmuls
 from pomfx.passes.fold import fold
 
 __all__ = ["ExportReport", "OnnxExportError", "export_onnx", "ort_providers", "rel_error"]
@@ -270,12 +271,13 @@ def _flat_outputs(out) -> list[torch.Tensor]:
 @contextlib.contextmanager
 def _exact_math():
     """TF32 off on CUDA while computing references (on by default for cuDNN convs)."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
     try:
-        yield
+        with ieee_matmuls():
+            yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        torch.backends.cudnn.allow_tf32 = saved
 
 
 def _run_torch(model: nn.Module, args: tuple) -> list[torch.Tensor]:

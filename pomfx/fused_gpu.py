@@ -340,6 +340,122 @@ def block_map(src, index, scale, out, N, TO_WEIGHT: tl.constexpr, BLOCK: tl.cons
 """
 
 
+_BLOCKS = """import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tile(c, t, A, B, TA: tl.constexpr, TB: tl.constexpr):
+    \"\"\"Rows i, columns j and the element offsets of tile t of component c of an (n, A, B) array.\"\"\"
+    nb = tl.cdiv(B, TB)
+    i = (t // nb) * TA + tl.arange(0, TA)
+    j = (t % nb) * TB + tl.arange(0, TB)
+    m = (i < A)[:, None] & (j < B)[None, :]
+    off = c.to(tl.int64) * A * B + (i * B)[:, None] + j[None, :]
+    return i, j, m, off
+
+
+@triton.jit
+def prep(G, SROW, SCOL, OUT, GID, BADG, A, B, TA: tl.constexpr, TB: tl.constexpr):
+    \"\"\"OUT ← s⊙G with its non-finite entries 0, s = SROW[c, i]·SCOL[c, j]; BADG[group] ← 1
+    where a component of the group has a non-finite entry (an atomic max: any order, same bits).\"\"\"
+    c = tl.program_id(0)
+    i, j, m, off = _tile(c, tl.program_id(1), A, B, TA, TB)
+    sr = tl.load(SROW + c * A + i, mask=i < A, other=1.0)
+    sc = tl.load(SCOL + c * B + j, mask=j < B, other=1.0)
+    y = tl.load(G + off, mask=m, other=0.0) * sr[:, None] * sc[None, :]
+    fin = (y - y) == 0
+    tl.store(OUT + off, tl.where(fin, y, 0.0), mask=m)
+    bad = tl.max(tl.max(tl.where(m & (~fin), 1, 0), 1), 0)
+    tl.atomic_max(BADG + tl.load(GID + c), bad)
+
+
+@triton.jit
+def compose(M, OUT, TYPES, GID, BADG, OKC, B, MODE: tl.constexpr, TR: tl.constexpr, TB: tl.constexpr):
+    \"\"\"OUT (n, B, B) from M = XᵀY per component, the manifold's normal-part matrix C:
+    st sym(M), ob diag(M), sp tr(M)·I, euc 0, so that Y − X·C is Y's tangent part at X. MODE 0:
+    also OKC[c] ← whether c's group is finite; 1 (transport): C·OKC; 2 (retraction, M = XᵀX):
+    st M, ob diag(M), sp tr(M)·I, euc and not OKC: I, whose Cholesky factors are the retractions'.\"\"\"
+    c = tl.program_id(0)
+    base = c.to(tl.int64) * B * B
+    t = tl.load(TYPES + c)
+    if MODE == 0:
+        ok = tl.load(BADG + tl.load(GID + c)) == 0
+        if tl.program_id(1) == 0:
+            tl.store(OKC + c, tl.where(ok, 1.0, 0.0))
+    else:
+        ok = tl.load(OKC + c) != 0
+    tr = tl.zeros([TB], dtype=OUT.dtype.element_ty)
+    for j0 in range(0, B, TB):
+        j = j0 + tl.arange(0, TB)
+        tr += tl.load(M + base + j * (B + 1), mask=j < B, other=0.0)
+    tr = tl.sum(tr, 0)
+    r = tl.program_id(1) * TR + tl.arange(0, TR)
+    for j0 in range(0, B, TB):
+        j = j0 + tl.arange(0, TB)
+        m = (r < B)[:, None] & (j < B)[None, :]
+        a = tl.load(M + base + (r * B)[:, None] + j[None, :], mask=m, other=0.0)
+        diag = r[:, None] == j[None, :]
+        if MODE == 2:
+            full = a
+        else:
+            full = 0.5 * (a + tl.load(M + base + r[:, None] + (j * B)[None, :], mask=m, other=0.0))
+        d = tl.where(t == 1, a, tl.where(t == 0, tr, 0.0))
+        if MODE == 2:
+            d = tl.where(t == 3, 1.0, d)
+        out = tl.where(t == 2, full, tl.where(diag, d, 0.0))
+        if MODE == 1:
+            out = tl.where(ok, out, 0.0)
+        if MODE == 2:
+            out = tl.where(ok, out, tl.where(diag, 1.0, 0.0))
+        tl.store(OUT + base + (r * B)[:, None] + j[None, :], out, mask=m)
+
+
+@triton.jit
+def direction(D, X, V, TYPES, OKC, KC, QP, HYP, A, B, T,
+              MODE: tl.constexpr, TA: tl.constexpr, TB: tl.constexpr):
+    \"\"\"u from D = s⊙g − X·C (the tangent part): d = ±k·okf·D (+ wd·k·okf·X on euc), the
+    momentum V ← μ_eff·V + d (μ_eff = μ, 1 where the group is skipped) and u = V (MODE 3) or
+    d + μV (2, Nesterov), or u = d (0); u into D, and QP[c, t] ← Σ u² over the tile.
+    HYP: (lr, radius, restep, μ, wd, ±1).\"\"\"
+    c = tl.program_id(0)
+    tt = tl.program_id(1)
+    i, j, m, off = _tile(c, tt, A, B, TA, TB)
+    okf = tl.load(OKC + c)
+    k = tl.load(KC + c)
+    euc = tl.load(TYPES + c) == 3
+    mu = tl.load(HYP + 3)
+    d = tl.load(D + off, mask=m, other=0.0) * (tl.load(HYP + 5) * k * okf)
+    d += tl.load(X + off, mask=m, other=0.0) * tl.where(euc, tl.load(HYP + 4) * k * okf, 0.0)
+    if MODE == 0:
+        u = d
+    else:
+        v = tl.load(V + off, mask=m, other=0.0) * tl.where(okf != 0, mu, 1.0) + d
+        tl.store(V + off, v, mask=m)
+        if MODE == 3:
+            u = v
+        else:
+            u = d + mu * v
+    tl.store(D + off, u, mask=m)
+    tl.store(QP + c * T + tt, tl.sum(tl.sum(u * u, 1), 0))
+
+
+@triton.jit
+def move(X, U, TYPES, OKC, GID, QG, NORMG, HYP, A, B, TA: tl.constexpr, TB: tl.constexpr):
+    \"\"\"X ← X − h·U, h = lr·okf·min(1, δ‖ω_g‖/(lr√q_g)) (lr·okf on euc).\"\"\"
+    c = tl.program_id(0)
+    i, j, m, off = _tile(c, tl.program_id(1), A, B, TA, TB)
+    lr = tl.load(HYP + 0)
+    g = tl.load(GID + c)
+    qg = tl.load(QG + g)
+    cap = {quot}
+    f = tl.where(tl.load(TYPES + c) == 3, 1.0, tl.minimum(cap, 1.0))
+    h = lr * f * tl.load(OKC + c)
+    x = tl.load(X + off, mask=m, other=0.0) - h * tl.load(U + off, mask=m, other=0.0)
+    tl.store(X + off, x, mask=m)
+"""
+
+
 def _module(key: tuple, source) -> object:
     """The generated module for ``key``, imported from its file (written atomically: ranks may
     race) under the cache folder, or a temporary one where that is not writable."""
@@ -380,6 +496,12 @@ def _kernels(a: int, b: int, mode: int, twice: bool, dt: torch.dtype):
 
 def _group_module():
     return _module(("gs",), lambda: _GROUP_SUMS)
+
+
+def _blocks_module(dt: torch.dtype):
+    sqrt = "tl.sqrt_rn" if dt == torch.float32 else "tl.sqrt"
+    cap = _quotient(dt, "tl.load(HYP + 1) * tl.load(NORMG + g)", f"tl.maximum(lr * {sqrt}(qg), 1e-30)")
+    return _module(("blk", dt), lambda: _BLOCKS.format(quot=cap))
 
 
 def _block_map_module(acc: torch.dtype):
@@ -476,3 +598,56 @@ def block_map(src: torch.Tensor, index: torch.Tensor, scale: torch.Tensor, to: s
             src, index, scale, out, n, TO_WEIGHT=to == "weight", BLOCK=_MAP_BLOCK
         )
     return out
+
+
+def block_tiles(rows: int, cols: int) -> tuple[int, int, int]:
+    """(TA, TB, T): the elementwise kernels' tile of an (A × B) block and the tiles per block."""
+    tb = min(_pow2(cols), 64)
+    ta = max(1, min(_pow2(rows), 1024 // tb))
+    return ta, tb, _cdiv(rows, ta) * _cdiv(cols, tb)
+
+
+def block_step(X, G, V, srow, scol, types, gid, kc, norm_g, hyp, order, start, ng: int, mode: int) -> None:
+    """FG-SGD's step of a job of (n, A, B) blocks of any manifolds (``types``, codes as
+    :data:`pomfx.parametrization._TYPE_CODE`), X and V in place: the elementwise work in four
+    Triton kernels, the products, Cholesky factors and solves by cuBLAS/cuSOLVER (~22 launches
+    a job where the torch ops take ~75). G raw (not written); s = srow ⊗ scol (n, A), (n, B);
+    ``gid`` (n,) the groups (int32), ``kc`` (n,) the damping factors k, ``norm_g`` (ng,) ‖ω_g‖,
+    ``hyp`` (lr, radius, restep, μ, wd, ±1) in X's dtype; ``order``/``start``: the (component, tile)
+    partial sums of ‖u‖² sorted by group (:func:`group_sums`). ``mode`` 0, 3 heavy ball, 2
+    Nesterov. A group with a non-finite gradient keeps its ω and momentum (decided on the
+    device: no host sync); Stiefel blocks are orthonormalized by Cholesky-QR twice, the other
+    manifolds' by the same solve with diagonal factors."""
+    n, a, b = X.shape
+    ta, tb, t = block_tiles(a, b)
+    tr = max(1, min(_pow2(b), 1024 // tb))
+    mod = _blocks_module(X.dtype)
+    grid, cgrid = (n, t), (n, _cdiv(b, tr))
+    D = torch.empty_like(X)
+    bad = torch.zeros(ng, dtype=torch.int32, device=X.device)
+    okc = torch.empty(n, dtype=X.dtype, device=X.device)
+    C = X.new_empty(n, b, b)
+    qp = X.new_empty(n * t)
+    qg = X.new_empty(ng)
+    with _on(X):
+        mod.prep[grid](G, srow, scol, D, gid, bad, a, b, TA=ta, TB=tb)
+        mod.compose[cgrid](torch.bmm(X.transpose(1, 2), D), C, types, gid, bad, okc, b, MODE=0, TR=tr, TB=tb)
+        D.baddbmm_(X, C, alpha=-1.0)  # s⊙g − X·C: the tangent part
+        mod.direction[grid](
+            D, X, X if V is None else V, types, okc, kc, qp, hyp, a, b, t, MODE=mode, TA=ta, TB=tb
+        )
+        group_sums(qp, order, start, qg)
+        mod.move[grid](X, D, types, okc, gid, qg, norm_g, hyp, a, b, TA=ta, TB=tb)
+        Y = X
+        for _ in range(2):  # the retraction: Y·R⁻¹, R the Cholesky factor of compose(YᵀY)
+            mod.compose[cgrid](
+                torch.bmm(Y.transpose(1, 2), Y), C, types, gid, bad, okc, b, MODE=2, TR=tr, TB=tb
+            )
+            R = torch.linalg.cholesky_ex(C, upper=True)[0]
+            Y = torch.linalg.solve_triangular(R, Y, upper=True, left=False)
+        X.copy_(Y)
+        if V is not None:  # the momentum's transport: its tangent part at the new point
+            mod.compose[cgrid](
+                torch.bmm(X.transpose(1, 2), V), C, types, gid, bad, okc, b, MODE=1, TR=tr, TB=tb
+            )
+            V.baddbmm_(X, C, alpha=-1.0)

@@ -17,6 +17,7 @@ under the embedded (Frobenius) metric, and never loops over the batch. The verbs
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -235,6 +236,35 @@ def _gram_schmidt(x: Tensor, safe: bool) -> Tensor:
 
 
 _INVERSE_COLS = 96  # up to this B, y·R⁻¹ as a product with R⁻¹ (~2× faster on a CPU than a solve)
+
+
+@contextlib.contextmanager
+def ieee_matmuls():
+    """float32 matmuls as IEEE float32 inside (cuBLAS's TF32 off, whatever the user chose for
+    the model): TF32 rounds a product's inputs to 10 bits, and a retraction through such a Gram
+    matrix would leave ω ~1e-3 off its manifold. Set and restored through the API the user set
+    it with: torch refuses to read its TF32 flags once both of its APIs have written them."""
+    try:
+        saved = torch.get_float32_matmul_precision()  # raises where the new API (2.9+) set it
+    except RuntimeError:
+        saved = None
+    if saved == "highest":
+        yield
+        return
+    if saved is not None:
+        torch.set_float32_matmul_precision("highest")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(saved)
+        return
+    m = torch.backends.cuda.matmul
+    saved = m.fp32_precision
+    m.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        m.fp32_precision = saved
 
 
 def right_solve_upper(r: Tensor, y: Tensor) -> Tensor:

@@ -90,7 +90,7 @@ from torch.optim import Optimizer
 from torch.optim.sgd import sgd as _torch_sgd
 
 from . import fused, fused_gpu
-from .manifolds import BIG_COMPONENT, right_solve_upper
+from .manifolds import BIG_COMPONENT, ieee_matmuls, right_solve_upper
 from .parametrization import ComponentParameter
 
 __all__ = ["FGSGD"]
@@ -211,7 +211,8 @@ class FGSGD(Optimizer):
             if plain:
                 self._plain_step(group, plain)
             if manifold:
-                self._manifold_step(gi, group, manifold)
+                with ieee_matmuls():  # TF32 Gram matrices would retract off the manifold
+                    self._manifold_step(gi, group, manifold)
         return loss
 
     def _plain_step(self, group: dict, params: list[Tensor]) -> None:
@@ -430,6 +431,32 @@ class _GroupNorms:
             norm_g = cache[dt] = self.norm_g.to(dt)
         return norm_g
 
+    def _cache(self, name: str, key, make):
+        """``make()``, kept under ``name`` while ``key`` stays the same (``key`` None: not kept)."""
+        kept = self.__dict__.setdefault("_kept", {})
+        hit = kept.get(name)
+        if key is not None and hit is not None and hit[0] == key:
+            return hit[1]
+        value = make()
+        if key is not None:
+            kept[name] = (key, value)
+        return value
+
+    def _hyper(self, hy: _Hyper, dt: torch.dtype, dev: torch.device) -> Tensor:
+        """(lr, radius, restep, μ, wd, ±1) for the Triton kernels, in ``dt`` on the device (a
+        Triton kernel's float arguments are float32). Kept until lr changes; a device tensor lr
+        is copied in every step."""
+        lr = hy.lr
+        rest = (hy.radius, _RESTEP, hy.mu, hy.wd, -1.0 if hy.maximize else 1.0)
+        if isinstance(lr, Tensor) and lr.device.type != "cpu":
+            hyp = self._cache(
+                "hyp_rest", (*rest, dt, dev), lambda: _device_values((0.0, *rest), dt, dev)
+            ).clone()
+            hyp[0].copy_(lr.reshape(()))
+            return hyp
+        values = (float(lr), *rest)
+        return self._cache("hyp", (*values, dt, dev), lambda: _device_values(values, dt, dev))
+
 
 class _Job(_GroupNorms):
     """Block segments of one kind, stepped together (concatenated when there are several)."""
@@ -482,6 +509,43 @@ class _Job(_GroupNorms):
             x, g.contiguous(), v, S, s.shape[2] == 1, self._types, cg, wdk, self.norm_g, hy, hy.radius
         )
 
+    def _triton_step(self, x: Tensor, g: Tensor, v: Tensor | None, first, hy: _Hyper) -> None:
+        """The step by :func:`pomfx.fused_gpu.block_step`, every manifold of the job at once;
+        its per-component tables built once (the scales' when they change)."""
+        n, a, b, dt, dev = self.n, self.rows, self.cols, x.dtype, x.device
+        t = fused_gpu.block_tiles(a, b)[2]
+        types, gid, order, start = self._cache("blk", dev, lambda: self._tables(t, dev))
+        self.scales()  # (the scale key brought up to date)
+        srow, scol = self._cache("s", (self._scale_key, dt), lambda: self._row_col_scales(dt))
+        k = 1.0 if hy.mu == 0 or hy.nesterov else _damp_factor(first, hy.damp, x)
+        if not isinstance(k, Tensor):
+            k = self._cache("k", (k, dt, dev), lambda: torch.full((n,), k, dtype=dt, device=dev))
+        mode = 0 if hy.mu == 0 else (2 if hy.nesterov else 3)
+        hyp = self._hyper(hy, dt, dev)
+        fused_gpu.block_step(
+            x, g, v, srow, scol, types, gid, k, self._norms(dt), hyp, order, start, self.ng, mode
+        )
+
+    def _tables(self, t: int, dev: torch.device) -> tuple[Tensor, ...]:
+        """Manifold codes (n,) int8, groups (n,) int32, and the (component, tile) partial sums of
+        ‖u‖² ordered by group, for :func:`pomfx.fused_gpu.group_sums`."""
+        codes = [torch.full((j - i,), _TYPE_CODE[man], dtype=torch.int8) for man, i, j in self.parts]
+        ids = torch.arange(self.n, device=dev) if self.gid is None else self.gid.to(dev)
+        order, start, _ = _group_order(ids.repeat_interleave(t), self.ng)
+        return torch.cat(codes).to(dev), ids.to(torch.int32), order, start
+
+    def _row_col_scales(self, dt: torch.dtype) -> tuple[Tensor, Tensor]:
+        """s = 1/R² as (n, A) and (n, B) factors (one of them ones, unless ``prescale``)."""
+        n, a, b = self.n, self.rows, self.cols
+        s = self.scales()
+        if self.prescale:
+            rows, cols = s
+        elif s.shape[2] == 1:
+            rows, cols = s, s.new_ones(n, 1, b)
+        else:
+            rows, cols = s.new_ones(n, a, 1), s
+        return rows.reshape(n, a).to(dt).contiguous(), cols.reshape(n, b).to(dt).contiguous()
+
     def _cat(self, tensors: list[Tensor]) -> Tensor:
         a, b = self.rows, self.cols
         if len(tensors) == 1:
@@ -526,16 +590,18 @@ class _Job(_GroupNorms):
             k_first = firsts[0]
         else:
             k_first = torch.cat([torch.full((s.count,), f, device=x.device) for s, f in zip(segs, firsts)])
-        if self.prescale:
-            g, s = self._scaled_grad(gs), None
+        if self.cuda and fused_gpu.usable(x, 1, 1):  # Triton: ~22 launches for the job
+            self._triton_step(x, self._cat(gs), v, k_first, hy)
+        elif self.prescale:
+            _update(self, x, self._scaled_grad(gs), v, None, k_first, hy)
         else:
             g, s = self._cat(gs), self.scales()
             if s.dtype != x.dtype:
                 s = s.to(x.dtype)
-        if self.fusable and x.dtype in (torch.float32, torch.float64) and fused.enabled():
-            self._fused_update(x, g, v, s, k_first, hy)
-        else:
-            _update(self, x, g, v, s, k_first, hy)
+            if self.fusable and x.dtype in (torch.float32, torch.float64) and fused.enabled():
+                self._fused_update(x, g, v, s, k_first, hy)
+            else:
+                _update(self, x, g, v, s, k_first, hy)
         if len(segs) > 1:  # back into the layers, in one (foreach) launch
             torch._foreach_copy_(xs, list(x.view(-1).split([t.numel() for t in xs])))
             if momentum:
@@ -712,21 +778,6 @@ class _KernelJob(_GroupNorms):
                 x, g, v, cg[c], mu_n[c], wd_n[c], self.types[c], gid[c], qg, norm_g, hyp, mode, self.full
             )
 
-    def _hyper(self, hy: _Hyper, dt: torch.dtype, dev: torch.device) -> Tensor:
-        """(lr, radius, restep, μ) for the Triton kernels, in ``dt`` on the device (a Triton
-        kernel's float arguments are float32). Kept until lr changes; a device tensor lr is
-        copied in every step."""
-        lr = hy.lr
-        if isinstance(lr, Tensor) and lr.device.type != "cpu":
-            rest = (hy.radius, _RESTEP, hy.mu)
-            hyp = self._cache(
-                "hyp_rest", (*rest, dt, dev), lambda: _device_values((0.0, *rest), dt, dev)
-            ).clone()
-            hyp[0].copy_(lr.reshape(()))
-            return hyp
-        values = (float(lr), hy.radius, _RESTEP, hy.mu)
-        return self._cache("hyp", (*values, dt, dev), lambda: _device_values(values, dt, dev))
-
     def _blocks(self, parts: list[tuple], first: dict, hy: _Hyper) -> bool:
         """The step by :func:`pomfx.fused.block_step`, each component a block of an (N, A, B) copy of
         the structure of arrays (components too large for the unrolled kernels: 5×5, 7×7; such
@@ -770,17 +821,6 @@ class _KernelJob(_GroupNorms):
             if v is not None:
                 v.view(a, b, -1).copy_(V.permute(1, 2, 0))
         return True
-
-    def _cache(self, name: str, key, make):
-        """``make()``, kept under ``name`` while ``key`` stays the same (``key`` None: not kept)."""
-        kept = self.__dict__.setdefault("_kept", {})
-        hit = kept.get(name)
-        if key is not None and hit is not None and hit[0] == key:
-            return hit[1]
-        value = make()
-        if key is not None:
-            kept[name] = (key, value)
-        return value
 
     def _damping(self, first: dict, hy: _Hyper, like: Tensor):
         """k = 1 − τ (1 on a parameter's first step, and without the heavy ball): a float, or

@@ -373,6 +373,7 @@ class POM(nn.Module):
             raise RuntimeError(f"pomfx could not compute ω from a {weight.dtype} weight: {e}") from e
 
     @torch.no_grad()
+    @_m.ieee_matmuls()  # TF32 Gram matrices would project off the manifold
     def omega_from_weight(self, weight: Tensor) -> Tensor:
         """Each component of ``W / R`` projected onto its manifold, in storage order (for a
         float16/bfloat16 weight computed in float32, which torch's factorizations need, then
@@ -512,6 +513,7 @@ class POM(nn.Module):
             yield b, flat[b.offset : b.offset + b.numel].view(b.count, b.rows, b.cols)
 
     @torch.no_grad()
+    @_m.ieee_matmuls()  # (a TF32 Gram matrix would show ~1e-3 of error that is not there)
     def constraint_error(self, omega: Tensor) -> float:
         """Largest distance of a component from its manifold."""
         err = 0.0

@@ -357,3 +357,29 @@ def test_cli_bad_input(argv, tiny_converted, tmp_path_factory, capsys):
 def test_cli_usage_error(capsys):
     assert export_main(["model.pt"]) == 2  # --out is required
     assert "--out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("enable", ["new api", "legacy"])
+def test_reference_math_turns_tf32_off_through_the_users_api(enable):
+    """The export's torch reference runs without TF32 whichever of torch's APIs enabled it, and
+    leaves the setting readable as the user set it (torch refuses reads once both APIs wrote)."""
+    import subprocess
+    import sys
+
+    code = f"""
+import torch, warnings
+warnings.simplefilter("ignore")
+from pomfx.export import _exact_math
+m = torch.backends.cuda.matmul
+if {enable!r} == "new api":
+    m.fp32_precision = "tf32"
+else:
+    m.allow_tf32 = True
+with _exact_math():
+    assert m.fp32_precision == "ieee" and not torch.backends.cudnn.allow_tf32
+assert m.fp32_precision == "tf32" and torch.backends.cudnn.allow_tf32
+if {enable!r} == "legacy":
+    assert m.allow_tf32
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]

@@ -11,6 +11,7 @@ import itertools
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -183,12 +184,13 @@ def _steps_match_reference(model, opt, lr, mu, damp=0.0, wd=0.0, nest=False, max
                     torch.testing.assert_close(vs[i][1], vn, rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("batched", [False, True], ids=["chunked", "batched"])
-def test_blocks_of_both_broadcasts_of_r_step_together(batched):
+@pytest.mark.parametrize("mode", ["chunked", "batched", "triton"])
+def test_blocks_of_both_broadcasts_of_r_step_together(mode, monkeypatch):
     """(8, 4) blocks of a (16, 8) weight keep R along their columns, the transposed-stored (4, 8)
-    blocks of an (8, 16) weight along their rows; batched mode (CUDA) steps both, and the
-    blocks of every manifold, in one job (the gradient scaled segment by segment, the
-    manifolds' own pieces range by range), with the reference's result."""
+    blocks of an (8, 16) weight along their rows; batched mode (CUDA: the torch ops, or Triton's
+    :func:`pomfx.fused_gpu.block_step`) steps both, and the blocks of every manifold, in one job
+    (the gradient scaled segment by segment), with the reference's result."""
+    batched = gpu_path(monkeypatch, mode)
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(8, 16, 1), nn.ReLU(), nn.Conv2d(16, 8, 1)).double()
     model = pomfx.convert(net, scheme="pio", manifolds="sp+ob+st", include=[nn.Conv2d])
@@ -200,6 +202,25 @@ def test_blocks_of_both_broadcasts_of_r_step_together(batched):
     jobs = [j for plan in opt._plans.values() for j in plan]
     assert any(getattr(j, "prescale", False) for j in jobs) == batched
     assert any(len(getattr(j, "parts", ())) == 3 for j in jobs) == batched
+
+
+@pytest.mark.parametrize("mu, nesterov", [(0.0, False), (0.9, False), (0.9, True)])
+def test_triton_block_step_on_large_blocks_is_the_reference(mu, nesterov, monkeypatch):
+    """:func:`pomfx.fused_gpu.block_step` on 150×140 blocks of every manifold (tiles that end
+    part way, several programs per block and per row block of C, the trace summed over column
+    chunks) is Algorithm 1's float64 reference, ω and momentum to 1e-10."""
+    gpu_path(monkeypatch, "triton")
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(300, 280), nn.ReLU(), nn.Linear(280, 10)).double()
+    model = pomfx.convert(net, scheme="pio", manifolds="sp+ob+st+euc")
+    assert [b.cols for b in next(poms(model))[3].layout.buckets] == [140] * 4
+    opt = pomfx.FGSGD(model.parameters(), lr=0.05, momentum=mu, nesterov=nesterov, weight_decay=1e-3)
+    opt._batched = True
+    calls = []
+    step = fused_gpu.block_step
+    monkeypatch.setattr(fused_gpu, "block_step", lambda *a: calls.append(a[0].shape) or step(*a))
+    _steps_match_reference(model, opt, 0.05, mu, wd=1e-3, nest=nesterov)
+    assert calls == [(4, 150, 140)] * 3
 
 
 def test_first_order_sphere_step():
@@ -410,11 +431,12 @@ def test_triton_group_sums_are_the_sums_in_a_fixed_order(monkeypatch):
     assert torch.equal(again, qg)
 
 
-def test_triton_step_is_three_launches_per_layer_and_the_torch_ops_step(monkeypatch):
+def test_triton_step_launches_and_the_torch_ops_step(monkeypatch):
     """On the CUDA path, FG-SGD steps kernel layers of components up to 16 entries by Triton
-    kernels: per layer one launch for u's norms and one for the step, per job one for the group
-    sums; in float32 that step is the torch ops' (batched mode) to rounding, a repeated step is
-    the same bits, and ω stays on its manifolds."""
+    kernels (per layer one launch for u's norms and one for the step, per job one for the group
+    sums) and block jobs by :func:`pomfx.fused_gpu.block_step` (its group sums one launch); in
+    float32 that step is the torch ops' (batched mode) to rounding, a repeated step is the same
+    bits, and ω stays on its manifolds."""
     monkeypatch.setattr(fused_gpu, "_BLOCK", 16)  # several programs per layer
     base = small_net("sp+ob+st+euc")
     models = {mode: copy.deepcopy(base) for mode in ("batched", "triton", "again")}
@@ -423,7 +445,7 @@ def test_triton_step_is_three_launches_per_layer_and_the_torch_ops_step(monkeypa
         opts[mode] = pomfx.FGSGD(model.parameters(), lr=0.2, momentum=0.9, weight_decay=1e-3)
         opts[mode]._batched = True
     calls = collections.Counter()
-    for name in ("norms", "group_sums", "step"):
+    for name in ("norms", "group_sums", "step", "block_step"):
         real = getattr(fused_gpu, name)
         monkeypatch.setattr(fused_gpu, name, lambda *a, _f=real, _n=name: calls.update([_n]) or _f(*a))
     for step in range(4):
@@ -436,8 +458,11 @@ def test_triton_step_is_three_launches_per_layer_and_the_torch_ops_step(monkeypa
             opts[mode].step()
     kernel_layers = [p for p in omegas(base) if p.pom.layout.kernel]
     jobs = {(p.pom._shape, p.dtype) for p in kernel_layers}
+    (plan,) = opts["triton"]._plans.values()
+    blocks = sum(isinstance(job, pomfx.optim._Job) for job in plan)
+    assert blocks == 4
     assert calls == {"norms": 4 * 2 * len(kernel_layers), "step": 4 * 2 * len(kernel_layers),
-                     "group_sums": 4 * 2 * len(jobs)}  # fmt: skip
+                     "group_sums": 4 * 2 * (len(jobs) + blocks), "block_step": 4 * 2 * blocks}  # fmt: skip
     for a, b, c in zip(*(m.parameters() for m in models.values())):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
         assert torch.equal(b, c)
@@ -460,7 +485,8 @@ def test_triton_kernels_compile_for_the_h100_without_spills():
     assert out.returncode == 0, out.stdout + out.stderr
     lam = 2 * (3 + 1) + 2 * 2  # the λ moments (x's dtypes × rows/planes) and folds
     maps = 4 * 2  # block layers' maps: 4 dtypes, both ways
-    assert out.stdout.count(" 0 bytes spilled") == 2 + lam + maps + 2 * 2 * 9, out.stdout  # every kernel
+    blocks = 2 * 8  # block jobs' step: prep, compose ×3, direction ×3, move
+    assert out.stdout.count(" 0 bytes spilled") == 2 + lam + maps + blocks + 2 * 2 * 9, out.stdout
 
 
 def test_batched_jobs_stay_under_their_size_cap(monkeypatch):
@@ -520,6 +546,37 @@ def test_batched_training_step_never_waits_for_the_device(monkeypatch, mu, neste
                 omegas(model)[0].grad[0] = float("nan")
             opt.step()
         assert syncs.seen == [], f"step {step}: {syncs.seen}"
+    assert max(pomfx.constraint_error(model).values()) < 1e-5
+
+
+@pytest.mark.parametrize("enable", ["new api", "legacy", "precision"])
+def test_step_computes_with_ieee_matmuls_whatever_the_tf32_setting(enable, monkeypatch):
+    """TF32 enabled by the user (any of torch's three ways) is off inside FG-SGD's step, whose
+    Gram matrices must be exact to retract onto Stiefel, and the user's setting is back after."""
+    m = torch.backends.cuda.matmul
+    saved = m.fp32_precision
+    seen = []
+    step = pomfx.optim.FGSGD._manifold_step
+    monkeypatch.setattr(
+        pomfx.optim.FGSGD, "_manifold_step", lambda *a: seen.append(m.fp32_precision) or step(*a)
+    )
+    model = small_net()
+    opt = pomfx.FGSGD(model.parameters(), lr=0.1, momentum=0.9)
+    try:
+        if enable == "new api":
+            m.fp32_precision = "tf32"
+        elif enable == "legacy":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # (torch's deprecation notice)
+                m.allow_tf32 = True
+        else:
+            torch.set_float32_matmul_precision("high")
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+        assert seen == ["ieee"] and m.fp32_precision == "tf32"
+    finally:
+        m.fp32_precision = saved
     assert max(pomfx.constraint_error(model).values()) < 1e-5
 
 
@@ -997,6 +1054,25 @@ def test_cuda_triton_step_matches_the_torch_ops(dtype, monkeypatch):
         torch.testing.assert_close(b, a, rtol=tol, atol=tol)
         assert torch.equal(b, c)
     assert max(pomfx.constraint_error(models["1"]).values()) < 1e-5
+
+
+@pytest.mark.cuda
+def test_cuda_drift_with_tf32_enabled():
+    """TF32 on for the model's matmuls (a common speed setting) leaves FG-SGD's retractions
+    exact: block layers' Stiefel components stay on the manifold over 300 steps."""
+    m = torch.backends.cuda.matmul
+    saved = m.fp32_precision
+    m.fp32_precision = "tf32"
+    try:
+        model = small_net("sp+ob+st").cuda()
+        opt = pomfx.FGSGD(model.parameters(), lr=0.2, momentum=0.9)
+        for _ in range(300):
+            for p in omegas(model):
+                p.grad = torch.randn_like(p)
+            opt.step()
+    finally:
+        m.fp32_precision = saved
+    assert max(pomfx.constraint_error(model).values()) <= 1e-5
 
 
 @pytest.mark.cuda
