@@ -1,4 +1,5 @@
-"""Fused GPU kernels (Triton): FG-SGD's step of a kernel layer, and the λ hook's variance fold.
+"""Fused GPU kernels (Triton): FG-SGD's step of kernel layers and of block jobs, the block maps,
+and the λ hook's variance fold.
 
 On a GPU the torch ops of a kernel layer's step (:class:`pomfx.optim._KernelJob`, about 80
 elementwise ops per job) cost their launches, not their arithmetic: the step is bound by the
@@ -16,6 +17,14 @@ component, a component's entries in registers:
   ``ω ← (ω − h·u)·R⁻¹`` (twice on a Stiefel component whose h²q_c > restep) and the momentum's
   transport. A group whose q_g is not finite (a NaN or inf in its gradient) stores nothing:
   its ω and momentum are left exactly as they were, decided on the device (no host sync).
+
+A job of blocks (:func:`block_step`: (n, A, B) components of 1×1 convs and linears, large, of
+every manifold) keeps its products XᵀY, X·C, its Cholesky factors and triangular solves in
+cuBLAS/cuSOLVER, and does all the rest in four kernels (:data:`_BLOCKS`): ``prep`` (s⊙g, the
+non-finite check per group), ``compose`` (the manifolds' normal-part matrix C of a product XᵀY
+per component, with per-component masks: st sym, ob diag, sp the trace; for the retraction the
+matrix whose Cholesky factor normalizes sp, ob and st alike), ``direction`` (momentum, u,
+partial ‖u‖²) and ``move``; ~22 launches a job where the torch ops take ~75.
 
 A block layer's map (:func:`block_map`), ``W[inverse] = ω ⊙ R`` and its backward gather, is one
 launch each way, where the torch ops are two (``index_put_`` then ``mul_``; ``mul`` then

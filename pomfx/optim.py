@@ -72,9 +72,13 @@ all kernel layers of a shape form one job: with Triton (:mod:`pomfx.fused_gpu`),
 up to 16 entries take three kernels, u's norms and the step per layer and the group sums per job;
 otherwise (``POMFX_TRITON=0``, 5×5 and 7×7 kernels) the job runs in one chunk with the same
 elementwise ops (batched matmuls and cuSOLVER's batched Cholesky on 3×3 matrices measured 20×
-slower on an H100). All blocks of a shape form another job (the manifolds' own pieces range by
-range), and nothing syncs with the host: the step is bound by the launches it issues there
-(``benchmarks/launch_count.py`` counts them on any machine).
+slower on an H100). All blocks of a shape form another job: with Triton
+(:func:`pomfx.fused_gpu.block_step`) every manifold at once, four elementwise kernels around the
+job's batched products, Cholesky factors and triangular solves (~22 launches); otherwise the
+manifolds' own pieces range by range (~75). Nothing syncs with the host: the step is bound by
+the launches it issues there (``benchmarks/launch_count.py`` counts them on any machine). The
+step's matmuls are IEEE float32 whatever the user's TF32 setting
+(:func:`pomfx.manifolds.ieee_matmuls`): a TF32 Gram matrix would retract ω off Stiefel.
 """
 
 from __future__ import annotations
@@ -457,6 +461,17 @@ class _GroupNorms:
         values = (float(lr), *rest)
         return self._cache("hyp", (*values, dt, dev), lambda: _device_values(values, dt, dev))
 
+    def _block_step(self, X, G, V, srow, scol, types, gid, order, start, k, hy: _Hyper) -> None:
+        """:func:`pomfx.fused_gpu.block_step` of (n, A, B) components with the job's tables and
+        hyperparameters; ``k`` the damping factor (a float, or (n,))."""
+        n, dt, dev = X.shape[0], X.dtype, X.device
+        if not isinstance(k, Tensor):
+            k = self._cache("k", (k, dt, dev), lambda: torch.full((n,), k, dtype=dt, device=dev))
+        norm_g, hyp = self._norms(dt), self._hyper(hy, dt, dev)
+        fused_gpu.block_step(
+            X, G, V, srow, scol, types, gid, k, norm_g, hyp, order, start, self.ng, _mode(hy)
+        )
+
 
 class _Job(_GroupNorms):
     """Block segments of one kind, stepped together (concatenated when there are several)."""
@@ -512,19 +527,13 @@ class _Job(_GroupNorms):
     def _triton_step(self, x: Tensor, g: Tensor, v: Tensor | None, first, hy: _Hyper) -> None:
         """The step by :func:`pomfx.fused_gpu.block_step`, every manifold of the job at once;
         its per-component tables built once (the scales' when they change)."""
-        n, a, b, dt, dev = self.n, self.rows, self.cols, x.dtype, x.device
+        a, b, dt, dev = self.rows, self.cols, x.dtype, x.device
         t = fused_gpu.block_tiles(a, b)[2]
         types, gid, order, start = self._cache("blk", dev, lambda: self._tables(t, dev))
         self.scales()  # (the scale key brought up to date)
         srow, scol = self._cache("s", (self._scale_key, dt), lambda: self._row_col_scales(dt))
         k = 1.0 if hy.mu == 0 or hy.nesterov else _damp_factor(first, hy.damp, x)
-        if not isinstance(k, Tensor):
-            k = self._cache("k", (k, dt, dev), lambda: torch.full((n,), k, dtype=dt, device=dev))
-        mode = 0 if hy.mu == 0 else (2 if hy.nesterov else 3)
-        hyp = self._hyper(hy, dt, dev)
-        fused_gpu.block_step(
-            x, g, v, srow, scol, types, gid, k, self._norms(dt), hyp, order, start, self.ng, mode
-        )
+        self._block_step(x, g, v, srow, scol, types, gid, order, start, k, hy)
 
     def _tables(self, t: int, dev: torch.device) -> tuple[Tensor, ...]:
         """Manifold codes (n,) int8, groups (n,) int32, and the (component, tile) partial sums of
@@ -726,6 +735,9 @@ class _KernelJob(_GroupNorms):
         if self.cuda and fused_gpu.usable(x0, a, b):  # Triton: three launches per layer
             self._triton_step(parts, first, hy)
             return
+        if self.cuda and fused_gpu.usable(x0, 1, 1):  # larger components (5×5, 7×7): as blocks
+            self._triton_blocks(parts, first, hy)
+            return
         on_cpu = not self.cuda and x0.dtype in (torch.float32, torch.float64)
         if on_cpu and fused.available(a, b):
             # fused kernels: layer by layer, no concatenation (one call each costs microseconds)
@@ -763,7 +775,7 @@ class _KernelJob(_GroupNorms):
         cg, mu_n, wd_n = self._cache("fused", key, lambda: self._coefs(s.to(dt), k, hy))
         order, start, gid = self._cache("groups", dev, lambda: _group_order(self.ids, self.ng))
         hyp = self._hyper(hy, dt, dev)
-        mode = 0 if hy.mu == 0 else (2 if hy.nesterov else 3)
+        mode = _mode(hy)
         q, qg = self.ws.get("q", (n,), x0), self.ws.get("qg", (self.ng,), x0)
         layers = [
             (tuple(None if t is None else t.view(a, b, -1) for t in part), slice(i, j))
@@ -777,6 +789,32 @@ class _KernelJob(_GroupNorms):
             fused_gpu.step(
                 x, g, v, cg[c], mu_n[c], wd_n[c], self.types[c], gid[c], qg, norm_g, hyp, mode, self.full
             )
+
+    def _triton_blocks(self, parts: list[tuple], first: dict, hy: _Hyper) -> None:
+        """Components too large for the unrolled kernels (5×5, 7×7) stepped as blocks by
+        :func:`pomfx.fused_gpu.block_step`: the job copied to (N, A, B) and back (five more
+        launches, ~27 in all where the torch ops take ~100)."""
+        a, b, n = self.a, self.b, self.n
+        x0 = parts[0][0]
+        dt, dev = x0.dtype, x0.device
+        aos = [torch.cat([p[i].view(a, b, -1).permute(2, 0, 1) for p in parts]) for i in (0, 1)]
+        X, G = aos
+        momentum = parts[0][2] is not None
+        V = torch.cat([p[2].view(a, b, -1).permute(2, 0, 1) for p in parts]) if momentum else None
+        t = fused_gpu.block_tiles(a, b)[2]
+        order, start, gid = self._cache(
+            "blk", dev, lambda: (*_group_order(self.ids.repeat_interleave(t), self.ng)[:2], self.ids)
+        )
+        s = self.scales()
+        srow = self._cache(
+            "srow", (self._scale_key, dt), lambda: s.to(dt).view(n, 1).expand(n, a).contiguous()
+        )
+        scol = self._cache("scol", (dt, dev), lambda: torch.ones(n, b, dtype=dt, device=dev))
+        self._block_step(X, G, V, srow, scol, self.types, gid, order, start, self._damping(first, hy, x0), hy)
+        dst = [p[0] for p in parts] + ([p[2] for p in parts] if momentum else [])
+        src = list(X.permute(1, 2, 0).split(self.sizes, 2))
+        src += list(V.permute(1, 2, 0).split(self.sizes, 2)) if momentum else []
+        torch._foreach_copy_([d.view(a, b, -1) for d in dst], src)
 
     def _blocks(self, parts: list[tuple], first: dict, hy: _Hyper) -> bool:
         """The step by :func:`pomfx.fused.block_step`, each component a block of an (N, A, B) copy of
@@ -1159,6 +1197,11 @@ class _KernelJob(_GroupNorms):
             for kk in range(col):
                 yj.addcmul_(Y[:, kk], R[kk, col], value=-1.0)
             yj.div_(R[col, col])
+
+
+def _mode(hy: _Hyper) -> int:
+    """The Triton kernels' momentum mode: 0 none, 3 heavy ball, 2 Nesterov."""
+    return 0 if hy.mu == 0 else (2 if hy.nesterov else 3)
 
 
 def _device_values(values: tuple[float, ...], dt: torch.dtype, dev: torch.device) -> Tensor:
