@@ -109,6 +109,7 @@ def _count_triton() -> None:
     fused_gpu._module = lambda key, source: _Counted(real(key, source))
     fused_gpu._BLOCK = 1 << 14  # the interpreter runs programs one by one: fewer, wider ones
     fused_gpu._PROGRAMS = 4
+    fused_gpu._BLOCK_TILE, fused_gpu._BLOCK_COLS = 1 << 22, 1 << 12  # a block per program
 
 
 def build(variant: str, arch: str, num_classes: int):

@@ -28,12 +28,18 @@ _ELEM = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16", to
 _BLOCK_ARGS = {  # name, kind: f a pointer to the data's dtype, n an int, c a constexpr
     "prep": [("G", "f"), ("SROW", "f"), ("SCOL", "f"), ("OUT", "f"), ("GID", "i32"), ("BADG", "i32"),
              ("A", "n"), ("B", "n"), ("TA", "c"), ("TB", "c")],
-    "compose": [("M", "f"), ("OUT", "f"), ("TYPES", "i8"), ("GID", "i32"), ("BADG", "i32"), ("OKC", "f"),
-                ("B", "n"), ("MODE", "c"), ("TR", "c"), ("TB", "c")],
-    "direction": [("D", "f"), ("X", "f"), ("V", "f"), ("TYPES", "i8"), ("OKC", "f"), ("KC", "f"), ("QP", "f"),
-                  ("HYP", "f"), ("A", "n"), ("B", "n"), ("T", "n"), ("MODE", "c"), ("TA", "c"), ("TB", "c")],
-    "move": [("X", "f"), ("U", "f"), ("TYPES", "i8"), ("OKC", "f"), ("GID", "i32"), ("QG", "f"),
+    "coldots": [("X", "f"), ("Y", "f"), ("OUT", "f"), ("A", "n"), ("B", "n"), ("TA", "c"), ("TB", "c")],
+    "project": [("Y", "f"), ("X", "f"), ("P", "f"), ("TYPES", "i8"), ("GID", "i32"), ("BADG", "i32"),
+                ("A", "n"), ("B", "n"), ("SKIP", "c"), ("TA", "c"), ("TB", "c")],
+    "compose": [("M", "f"), ("OUT", "f"), ("GID", "i32"), ("BADG", "i32"), ("B", "n"), ("MODE", "c"),
+                ("TR", "c"), ("TB", "c")],
+    "direction": [("D", "f"), ("X", "f"), ("V", "f"), ("TYPES", "i8"), ("GID", "i32"), ("BADG", "i32"),
+                  ("KC", "f"), ("QP", "f"), ("HYP", "f"), ("A", "n"), ("B", "n"), ("T", "n"), ("MODE", "c"),
+                  ("TA", "c"), ("TB", "c")],
+    "move": [("X", "f"), ("U", "f"), ("TYPES", "i8"), ("GID", "i32"), ("BADG", "i32"), ("QG", "f"),
              ("NORMG", "f"), ("HYP", "f"), ("A", "n"), ("B", "n"), ("TA", "c"), ("TB", "c")],
+    "normalize": [("X", "f"), ("P", "f"), ("TYPES", "i8"), ("GID", "i32"), ("BADG", "i32"), ("A", "n"),
+                  ("B", "n"), ("TA", "c"), ("TB", "c")],
 }  # fmt: skip
 
 
@@ -119,13 +125,15 @@ def main() -> int:
                     ("block_map", fused_gpu._block_map_module(acc), sig, consts, f"{_ELEM[x]} to {to}", acc)
                 )
     for dt in dtypes:  # block jobs: a 512×128 block's tiles, each mode
-        ta, tb, _ = fused_gpu.block_tiles(512, 128)
-        tr = 1024 // tb
+        ta, tb, _, tr = fused_gpu.block_tiles(512, 128)
         mod = fused_gpu._blocks_module(dt)
-        for kernel, consts in [("prep", {}), *[("compose", {"MODE": m, "TR": tr}) for m in (0, 1, 2)],
-                               *[("direction", {"MODE": m}) for m in (0, 3, 2)], ("move", {})]:  # fmt: skip
-            consts = {**consts, "TB": tb} if kernel == "compose" else {**consts, "TA": ta, "TB": tb}
-            label = f"blocks{' mode ' + str(consts['MODE']) if 'MODE' in consts else ''}"
+        kernels = [("prep", {}), ("coldots", {}), *[("project", {"SKIP": k}) for k in (False, True)],
+                   *[("compose", {"MODE": m}) for m in (0, 1, 2)],
+                   *[("direction", {"MODE": m}) for m in (0, 3, 2)],
+                   ("move", {}), ("normalize", {})]  # fmt: skip
+        for kernel, flags in kernels:
+            label = " ".join(["blocks", *(f"{k.lower()} {int(v)}" for k, v in flags.items())])
+            consts = {**flags, "TR": tr, "TB": tb} if kernel == "compose" else {**flags, "TA": ta, "TB": tb}
             jobs.append((kernel, mod, signature(kernel, dt), consts, label, dt))
     for (a, b), mode, twice in itertools.product(shapes, (0, 3, 2), (False, True)):
         for dt in dtypes:

@@ -67,6 +67,8 @@ _GROUP_BLOCK = 128  # members of a group summed side by side
 _DTYPES = {torch.float32: "tl.float32", torch.float64: "tl.float64"}
 _INPUTS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # λ: x's dtypes
 _TILE = 2048  # elements of x a λ program reads per iteration
+_BLOCK_TILE = 1024  # elements of a block job's tile
+_BLOCK_COLS = 64  # columns of a block job's tile at most
 _MAP_BLOCK = 1024  # elements per program of a block layer's map
 _CHANNELS = 128  # channels a λ fold program folds
 _PROGRAMS = 1024  # about as many λ programs per layer (their chunks split a channel's elements)
@@ -365,6 +367,22 @@ def _tile(c, t, A, B, TA: tl.constexpr, TB: tl.constexpr):
 
 
 @triton.jit
+def _ok(BADG, GID, c):
+    \"\"\"Whether component c's group has a finite gradient.\"\"\"
+    return tl.load(BADG + tl.load(GID + c)) == 0
+
+
+@triton.jit
+def _trace(P, c, B, TB: tl.constexpr):
+    \"\"\"Σ_j P[c, j] of an (n, B) array.\"\"\"
+    acc = tl.zeros([TB], dtype=P.dtype.element_ty)
+    for j0 in range(0, B, TB):
+        j = j0 + tl.arange(0, TB)
+        acc += tl.load(P + c * B + j, mask=j < B, other=0.0)
+    return tl.sum(acc, 0)
+
+
+@triton.jit
 def prep(G, SROW, SCOL, OUT, GID, BADG, A, B, TA: tl.constexpr, TB: tl.constexpr):
     \"\"\"OUT ← s⊙G with its non-finite entries 0, s = SROW[c, i]·SCOL[c, j]; BADG[group] ← 1
     where a component of the group has a non-finite entry (an atomic max: any order, same bits).\"\"\"
@@ -380,57 +398,72 @@ def prep(G, SROW, SCOL, OUT, GID, BADG, A, B, TA: tl.constexpr, TB: tl.constexpr
 
 
 @triton.jit
-def compose(M, OUT, TYPES, GID, BADG, OKC, B, MODE: tl.constexpr, TR: tl.constexpr, TB: tl.constexpr):
-    \"\"\"OUT (n, B, B) from M = XᵀY per component, the manifold's normal-part matrix C:
-    st sym(M), ob diag(M), sp tr(M)·I, euc 0, so that Y − X·C is Y's tangent part at X. MODE 0:
-    also OKC[c] ← whether c's group is finite; 1 (transport): C·OKC; 2 (retraction, M = XᵀX):
-    st M, ob diag(M), sp tr(M)·I, euc and not OKC: I, whose Cholesky factors are the retractions'.\"\"\"
+def coldots(X, Y, OUT, A, B, TA: tl.constexpr, TB: tl.constexpr):
+    \"\"\"OUT[c, j] ← Σ_i X[c, i, j]·Y[c, i, j]: the column inner products of (n, A, B) arrays.\"\"\"
+    c = tl.program_id(0)
+    j = tl.program_id(1) * TB + tl.arange(0, TB)
+    acc = tl.zeros([TA, TB], dtype=OUT.dtype.element_ty)
+    base = c.to(tl.int64) * A * B
+    for i0 in range(0, A, TA):
+        i = i0 + tl.arange(0, TA)
+        m = (i < A)[:, None] & (j < B)[None, :]
+        off = base + (i * B)[:, None] + j[None, :]
+        acc += tl.load(X + off, mask=m, other=0.0) * tl.load(Y + off, mask=m, other=0.0)
+    tl.store(OUT + c * B + j, tl.sum(acc, 0), mask=j < B)
+
+
+@triton.jit
+def project(Y, X, P, TYPES, GID, BADG, A, B, SKIP: tl.constexpr, TA: tl.constexpr, TB: tl.constexpr):
+    \"\"\"Y ← Y − (its normal part at X) on sp and ob, P = the column products XᵀY's diagonal
+    (n, B): ob Y − X·diag(P), sp Y − tr(P)·X; st and euc untouched. SKIP: components of a
+    skipped group untouched too.\"\"\"
+    c = tl.program_id(0)
+    i, j, m, off = _tile(c, tl.program_id(1), A, B, TA, TB)
+    t = tl.load(TYPES + c)
+    if (t == 0) | (t == 1):
+        if t == 0:
+            coef = tl.zeros([TB], dtype=P.dtype.element_ty) + _trace(P, c, B, TB)
+        else:
+            coef = tl.load(P + c * B + j, mask=j < B, other=0.0)
+        if SKIP:
+            coef = tl.where(_ok(BADG, GID, c), coef, 0.0)
+        y = tl.load(Y + off, mask=m, other=0.0) - tl.load(X + off, mask=m, other=0.0) * coef[None, :]
+        tl.store(Y + off, y, mask=m)
+
+
+@triton.jit
+def compose(M, OUT, GID, BADG, B, MODE: tl.constexpr, TR: tl.constexpr, TB: tl.constexpr):
+    \"\"\"OUT (n, B, B) from M = XᵀY of Stiefel components: MODE 0 sym(M) (Y − X·sym(XᵀY) is Y's
+    tangent part), 1 the same, 0 where the group is skipped (the transport), 2 M itself, I
+    where the group is skipped (the Gram matrix whose Cholesky factor retracts).\"\"\"
     c = tl.program_id(0)
     base = c.to(tl.int64) * B * B
-    t = tl.load(TYPES + c)
-    if MODE == 0:
-        ok = tl.load(BADG + tl.load(GID + c)) == 0
-        if tl.program_id(1) == 0:
-            tl.store(OKC + c, tl.where(ok, 1.0, 0.0))
-    else:
-        ok = tl.load(OKC + c) != 0
-    tr = tl.zeros([TB], dtype=OUT.dtype.element_ty)
-    for j0 in range(0, B, TB):
-        j = j0 + tl.arange(0, TB)
-        tr += tl.load(M + base + j * (B + 1), mask=j < B, other=0.0)
-    tr = tl.sum(tr, 0)
+    ok = _ok(BADG, GID, c)
     r = tl.program_id(1) * TR + tl.arange(0, TR)
     for j0 in range(0, B, TB):
         j = j0 + tl.arange(0, TB)
         m = (r < B)[:, None] & (j < B)[None, :]
         a = tl.load(M + base + (r * B)[:, None] + j[None, :], mask=m, other=0.0)
-        diag = r[:, None] == j[None, :]
         if MODE == 2:
-            full = a
+            out = tl.where(ok, a, tl.where(r[:, None] == j[None, :], 1.0, 0.0))
         else:
-            full = 0.5 * (a + tl.load(M + base + r[:, None] + (j * B)[None, :], mask=m, other=0.0))
-        d = tl.where(t == 1, a, tl.where(t == 0, tr, 0.0))
-        if MODE == 2:
-            d = tl.where(t == 3, 1.0, d)
-        out = tl.where(t == 2, full, tl.where(diag, d, 0.0))
-        if MODE == 1:
-            out = tl.where(ok, out, 0.0)
-        if MODE == 2:
-            out = tl.where(ok, out, tl.where(diag, 1.0, 0.0))
+            out = 0.5 * (a + tl.load(M + base + r[:, None] + (j * B)[None, :], mask=m, other=0.0))
+            if MODE == 1:
+                out = tl.where(ok, out, 0.0)
         tl.store(OUT + base + (r * B)[:, None] + j[None, :], out, mask=m)
 
 
 @triton.jit
-def direction(D, X, V, TYPES, OKC, KC, QP, HYP, A, B, T,
+def direction(D, X, V, TYPES, GID, BADG, KC, QP, HYP, A, B, T,
               MODE: tl.constexpr, TA: tl.constexpr, TB: tl.constexpr):
-    \"\"\"u from D = s⊙g − X·C (the tangent part): d = ±k·okf·D (+ wd·k·okf·X on euc), the
+    \"\"\"u from D = the tangent part of s⊙g: d = ±k·okf·D (+ wd·k·okf·X on euc), the
     momentum V ← μ_eff·V + d (μ_eff = μ, 1 where the group is skipped) and u = V (MODE 3) or
     d + μV (2, Nesterov), or u = d (0); u into D, and QP[c, t] ← Σ u² over the tile.
     HYP: (lr, radius, restep, μ, wd, ±1).\"\"\"
     c = tl.program_id(0)
     tt = tl.program_id(1)
     i, j, m, off = _tile(c, tt, A, B, TA, TB)
-    okf = tl.load(OKC + c)
+    okf = tl.where(_ok(BADG, GID, c), 1.0, 0.0)
     k = tl.load(KC + c)
     euc = tl.load(TYPES + c) == 3
     mu = tl.load(HYP + 3)
@@ -450,7 +483,7 @@ def direction(D, X, V, TYPES, OKC, KC, QP, HYP, A, B, T,
 
 
 @triton.jit
-def move(X, U, TYPES, OKC, GID, QG, NORMG, HYP, A, B, TA: tl.constexpr, TB: tl.constexpr):
+def move(X, U, TYPES, GID, BADG, QG, NORMG, HYP, A, B, TA: tl.constexpr, TB: tl.constexpr):
     \"\"\"X ← X − h·U, h = lr·okf·min(1, δ‖ω_g‖/(lr√q_g)) (lr·okf on euc).\"\"\"
     c = tl.program_id(0)
     i, j, m, off = _tile(c, tl.program_id(1), A, B, TA, TB)
@@ -459,9 +492,26 @@ def move(X, U, TYPES, OKC, GID, QG, NORMG, HYP, A, B, TA: tl.constexpr, TB: tl.c
     qg = tl.load(QG + g)
     cap = {quot}
     f = tl.where(tl.load(TYPES + c) == 3, 1.0, tl.minimum(cap, 1.0))
-    h = lr * f * tl.load(OKC + c)
+    h = lr * f * tl.where(tl.load(BADG + g) == 0, 1.0, 0.0)
     x = tl.load(X + off, mask=m, other=0.0) - h * tl.load(U + off, mask=m, other=0.0)
     tl.store(X + off, x, mask=m)
+
+
+@triton.jit
+def normalize(X, P, TYPES, GID, BADG, A, B, TA: tl.constexpr, TB: tl.constexpr):
+    \"\"\"The retraction of sp and ob components (skipped groups untouched), P the squared column
+    norms (n, B): ob X·diag(P)^(-1/2), sp X/√tr(P).\"\"\"
+    c = tl.program_id(0)
+    i, j, m, off = _tile(c, tl.program_id(1), A, B, TA, TB)
+    t = tl.load(TYPES + c)
+    if ((t == 0) | (t == 1)) & _ok(BADG, GID, c):
+        if t == 0:
+            nrm = tl.zeros([TB], dtype=P.dtype.element_ty) + _trace(P, c, B, TB)
+        else:
+            nrm = tl.load(P + c * B + j, mask=j < B, other=1.0)
+        xv = tl.load(X + off, mask=m, other=0.0)
+        den = tl.zeros([TA, TB], dtype=P.dtype.element_ty) + {sqrt}(tl.maximum(nrm, {tiny}))[None, :]
+        tl.store(X + off, {div_x}, mask=m)
 """
 
 
@@ -510,7 +560,8 @@ def _group_module():
 def _blocks_module(dt: torch.dtype):
     sqrt = "tl.sqrt_rn" if dt == torch.float32 else "tl.sqrt"
     cap = _quotient(dt, "tl.load(HYP + 1) * tl.load(NORMG + g)", f"tl.maximum(lr * {sqrt}(qg), 1e-30)")
-    return _module(("blk", dt), lambda: _BLOCKS.format(quot=cap))
+    div = _quotient(dt, "xv", "den")
+    return _module(("blk", dt, 2), lambda: _BLOCKS.format(quot=cap, div_x=div, sqrt=sqrt, tiny=repr(_TINY)))
 
 
 def _block_map_module(acc: torch.dtype):
@@ -609,54 +660,67 @@ def block_map(src: torch.Tensor, index: torch.Tensor, scale: torch.Tensor, to: s
     return out
 
 
-def block_tiles(rows: int, cols: int) -> tuple[int, int, int]:
-    """(TA, TB, T): the elementwise kernels' tile of an (A × B) block and the tiles per block."""
-    tb = min(_pow2(cols), 64)
-    ta = max(1, min(_pow2(rows), 1024 // tb))
-    return ta, tb, _cdiv(rows, ta) * _cdiv(cols, tb)
+def block_tiles(rows: int, cols: int) -> tuple[int, int, int, int]:
+    """(TA, TB, T, TR): the elementwise kernels' tile of an (A × B) block, the tiles per block,
+    and the rows of C per ``compose`` program (tiles of at most :data:`_BLOCK_TILE` elements)."""
+    tb = min(_pow2(cols), _BLOCK_COLS)
+    ta = max(1, min(_pow2(rows), _BLOCK_TILE // tb))
+    tr = max(1, min(_pow2(cols), _BLOCK_TILE // tb))
+    return ta, tb, _cdiv(rows, ta) * _cdiv(cols, tb), tr
 
 
-def block_step(X, G, V, srow, scol, types, gid, kc, norm_g, hyp, order, start, ng: int, mode: int) -> None:
+def block_step(
+    X, G, V, srow, scol, types, gid, kc, norm_g, hyp, order, start, ng: int, mode: int, st: tuple[int, int]
+) -> None:
     """FG-SGD's step of a job of (n, A, B) blocks of any manifolds (``types``, codes as
-    :data:`pomfx.parametrization._TYPE_CODE`), X and V in place: the elementwise work in four
-    Triton kernels, the products, Cholesky factors and solves by cuBLAS/cuSOLVER (~22 launches
-    a job where the torch ops take ~75). G raw (not written); s = srow ⊗ scol (n, A), (n, B);
-    ``gid`` (n,) the groups (int32), ``kc`` (n,) the damping factors k, ``norm_g`` (ng,) ‖ω_g‖,
-    ``hyp`` (lr, radius, restep, μ, wd, ±1) in X's dtype; ``order``/``start``: the (component, tile)
-    partial sums of ‖u‖² sorted by group (:func:`group_sums`). ``mode`` 0, 3 heavy ball, 2
-    Nesterov. A group with a non-finite gradient keeps its ω and momentum (decided on the
-    device: no host sync); Stiefel blocks are orthonormalized by Cholesky-QR twice, the other
-    manifolds' by the same solve with diagonal factors."""
+    :data:`pomfx.parametrization._TYPE_CODE`), X and V in place: Stiefel components (those in
+    ``st`` = (i0, i1), contiguous) by batched products, Cholesky factors and triangular solves,
+    the others' normal parts and retractions from their column products, and all the
+    elementwise work in Triton kernels (~26 launches a job where the torch ops take ~75).
+    G raw (not written); s = srow ⊗ scol, (n, A) and (n, B); ``gid`` (n,) the groups (int32),
+    ``kc`` (n,) the damping factors k, ``norm_g`` (ng,) ‖ω_g‖, ``hyp`` (lr, radius, restep, μ,
+    wd, ±1) in X's dtype; ``order``/``start``: the (component, tile) partial sums of ‖u‖²
+    sorted by group (:func:`group_sums`). ``mode`` 0, 3 heavy ball, 2 Nesterov. A group with
+    a non-finite gradient keeps its ω and momentum (decided on the device: no host sync);
+    Stiefel blocks are orthonormalized by Cholesky-QR twice."""
     n, a, b = X.shape
-    ta, tb, t = block_tiles(a, b)
-    tr = max(1, min(_pow2(b), 1024 // tb))
+    ta, tb, t, tr = block_tiles(a, b)
+    i0, i1 = st
     mod = _blocks_module(X.dtype)
-    grid, cgrid = (n, t), (n, _cdiv(b, tr))
+    grid, cols = (n, t), (n, _cdiv(b, tb))
+    sgrid = (i1 - i0, _cdiv(b, tr))
     D = torch.empty_like(X)
     bad = torch.zeros(ng, dtype=torch.int32, device=X.device)
-    okc = torch.empty(n, dtype=X.dtype, device=X.device)
-    C = X.new_empty(n, b, b)
+    P = X.new_empty(n, b)
+    C = X.new_empty(i1 - i0, b, b)
     qp = X.new_empty(n * t)
     qg = X.new_empty(ng)
+    gs = gid[i0:i1]
+
+    def tangent(Y, skip: bool) -> None:  # Y ← its tangent part at X (skip: skipped groups kept)
+        mod.coldots[cols](X, Y, P, a, b, TA=ta, TB=tb)
+        mod.project[grid](Y, X, P, types, gid, bad, a, b, SKIP=skip, TA=ta, TB=tb)
+        if i1 > i0:
+            xs, ys = X[i0:i1], Y[i0:i1]
+            mod.compose[sgrid](torch.bmm(xs.transpose(1, 2), ys), C, gs, bad, b, MODE=int(skip), TR=tr, TB=tb)
+            ys.baddbmm_(xs, C, alpha=-1.0)
+
     with _on(X):
         mod.prep[grid](G, srow, scol, D, gid, bad, a, b, TA=ta, TB=tb)
-        mod.compose[cgrid](torch.bmm(X.transpose(1, 2), D), C, types, gid, bad, okc, b, MODE=0, TR=tr, TB=tb)
-        D.baddbmm_(X, C, alpha=-1.0)  # s⊙g − X·C: the tangent part
-        mod.direction[grid](
-            D, X, X if V is None else V, types, okc, kc, qp, hyp, a, b, t, MODE=mode, TA=ta, TB=tb
-        )
+        tangent(D, False)
+        Vk = X if V is None else V
+        mod.direction[grid](D, X, Vk, types, gid, bad, kc, qp, hyp, a, b, t, MODE=mode, TA=ta, TB=tb)
         group_sums(qp, order, start, qg)
-        mod.move[grid](X, D, types, okc, gid, qg, norm_g, hyp, a, b, TA=ta, TB=tb)
-        Y = X
-        for _ in range(2):  # the retraction: Y·R⁻¹, R the Cholesky factor of compose(YᵀY)
-            mod.compose[cgrid](
-                torch.bmm(Y.transpose(1, 2), Y), C, types, gid, bad, okc, b, MODE=2, TR=tr, TB=tb
-            )
-            R = torch.linalg.cholesky_ex(C, upper=True)[0]
-            Y = torch.linalg.solve_triangular(R, Y, upper=True, left=False)
-        X.copy_(Y)
+        mod.move[grid](X, D, types, gid, bad, qg, norm_g, hyp, a, b, TA=ta, TB=tb)
+        mod.coldots[cols](X, X, P, a, b, TA=ta, TB=tb)  # sp, ob: back on the manifold
+        mod.normalize[grid](X, P, types, gid, bad, a, b, TA=ta, TB=tb)
+        if i1 > i0:  # st: Y·R⁻¹, R the Cholesky factor of YᵀY (I where skipped), twice
+            Y = X[i0:i1]
+            for _ in range(2):
+                mod.compose[sgrid](torch.bmm(Y.transpose(1, 2), Y), C, gs, bad, b, MODE=2, TR=tr, TB=tb)
+                Y = torch.linalg.solve_triangular(
+                    torch.linalg.cholesky_ex(C, upper=True)[0], Y, upper=True, left=False
+                )
+            X[i0:i1].copy_(Y)
         if V is not None:  # the momentum's transport: its tangent part at the new point
-            mod.compose[cgrid](
-                torch.bmm(X.transpose(1, 2), V), C, types, gid, bad, okc, b, MODE=1, TR=tr, TB=tb
-            )
-            V.baddbmm_(X, C, alpha=-1.0)
+            tangent(V, True)

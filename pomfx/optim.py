@@ -461,15 +461,16 @@ class _GroupNorms:
         values = (float(lr), *rest)
         return self._cache("hyp", (*values, dt, dev), lambda: _device_values(values, dt, dev))
 
-    def _block_step(self, X, G, V, srow, scol, types, gid, order, start, k, hy: _Hyper) -> None:
+    def _block_step(self, X, G, V, srow, scol, types, gid, order, start, k, hy: _Hyper, st) -> None:
         """:func:`pomfx.fused_gpu.block_step` of (n, A, B) components with the job's tables and
-        hyperparameters; ``k`` the damping factor (a float, or (n,))."""
+        hyperparameters; ``k`` the damping factor (a float, or (n,)); ``st`` the Stiefel
+        components' range."""
         n, dt, dev = X.shape[0], X.dtype, X.device
         if not isinstance(k, Tensor):
             k = self._cache("k", (k, dt, dev), lambda: torch.full((n,), k, dtype=dt, device=dev))
         norm_g, hyp = self._norms(dt), self._hyper(hy, dt, dev)
         fused_gpu.block_step(
-            X, G, V, srow, scol, types, gid, k, norm_g, hyp, order, start, self.ng, _mode(hy)
+            X, G, V, srow, scol, types, gid, k, norm_g, hyp, order, start, self.ng, _mode(hy), st
         )
 
 
@@ -533,7 +534,8 @@ class _Job(_GroupNorms):
         self.scales()  # (the scale key brought up to date)
         srow, scol = self._cache("s", (self._scale_key, dt), lambda: self._row_col_scales(dt))
         k = 1.0 if hy.mu == 0 or hy.nesterov else _damp_factor(first, hy.damp, x)
-        self._block_step(x, g, v, srow, scol, types, gid, order, start, k, hy)
+        st = next(((i, j) for man, i, j in self.parts if man == "st"), (0, 0))  # (contiguous: by manifold)
+        self._block_step(x, g, v, srow, scol, types, gid, order, start, k, hy, st)
 
     def _tables(self, t: int, dev: torch.device) -> tuple[Tensor, ...]:
         """Manifold codes (n,) int8, groups (n,) int32, and the (component, tile) partial sums of
@@ -664,6 +666,9 @@ class _KernelJob(_GroupNorms):
         self.full = self.has["st"]  # Stiefel components need full B×B products
         self.constrained = any(self.has[k] for k in ("sp", "ob", "st"))
         self.types = types
+        if self.cuda:  # (counted here, at planning: a step decides nothing on the host)
+            sp, ob, st, _ = torch.bincount(types.long(), minlength=4).tolist()
+            self.st_range = (sp + ob, sp + ob + st)  # of the components sorted by manifold
         ngs = [int(pom.group_norm2.numel()) for pom in poms]
         self.ng = sum(ngs)
         offsets = np.cumsum([0, *ngs[:-1]])
@@ -792,29 +797,42 @@ class _KernelJob(_GroupNorms):
 
     def _triton_blocks(self, parts: list[tuple], first: dict, hy: _Hyper) -> None:
         """Components too large for the unrolled kernels (5×5, 7×7) stepped as blocks by
-        :func:`pomfx.fused_gpu.block_step`: the job copied to (N, A, B) and back (five more
-        launches, ~27 in all where the torch ops take ~100)."""
+        :func:`pomfx.fused_gpu.block_step`: the job copied to (N, A, B), sorted by manifold (its
+        Stiefel components side by side), and back (eight more launches, ~34 in all where the
+        torch ops take ~100)."""
         a, b, n = self.a, self.b, self.n
         x0 = parts[0][0]
         dt, dev = x0.dtype, x0.device
-        aos = [torch.cat([p[i].view(a, b, -1).permute(2, 0, 1) for p in parts]) for i in (0, 1)]
-        X, G = aos
-        momentum = parts[0][2] is not None
-        V = torch.cat([p[2].view(a, b, -1).permute(2, 0, 1) for p in parts]) if momentum else None
         t = fused_gpu.block_tiles(a, b)[2]
-        order, start, gid = self._cache(
-            "blk", dev, lambda: (*_group_order(self.ids.repeat_interleave(t), self.ng)[:2], self.ids)
-        )
+        perm, types, gid, order, start = self._cache("blk", dev, lambda: self._sorted_tables(t))
+        full = [torch.cat([p[i].view(a, b, -1).permute(2, 0, 1) for p in parts]) for i in (0, 1, 2)
+                if i < 2 or parts[0][2] is not None]  # fmt: skip
+        X, G = full[0][perm], full[1][perm]
+        V = full[2][perm] if len(full) == 3 else None
         s = self.scales()
         srow = self._cache(
-            "srow", (self._scale_key, dt), lambda: s.to(dt).view(n, 1).expand(n, a).contiguous()
+            "srow", (self._scale_key, dt), lambda: s.to(dt)[perm].view(n, 1).expand(n, a).contiguous()
         )
         scol = self._cache("scol", (dt, dev), lambda: torch.ones(n, b, dtype=dt, device=dev))
-        self._block_step(X, G, V, srow, scol, self.types, gid, order, start, self._damping(first, hy, x0), hy)
-        dst = [p[0] for p in parts] + ([p[2] for p in parts] if momentum else [])
-        src = list(X.permute(1, 2, 0).split(self.sizes, 2))
-        src += list(V.permute(1, 2, 0).split(self.sizes, 2)) if momentum else []
+        k = self._damping(first, hy, x0)
+        k = k[perm] if isinstance(k, Tensor) else k
+        self._block_step(X, G, V, srow, scol, types, gid, order, start, k, hy, self.st_range)
+        full[0].index_copy_(0, perm, X)
+        dst = [p[0] for p in parts]
+        src = list(full[0].permute(1, 2, 0).split(self.sizes, 2))
+        if V is not None:
+            full[2].index_copy_(0, perm, V)
+            dst += [p[2] for p in parts]
+            src += list(full[2].permute(1, 2, 0).split(self.sizes, 2))
         torch._foreach_copy_([d.view(a, b, -1) for d in dst], src)
+
+    def _sorted_tables(self, t: int) -> tuple[Tensor, ...]:
+        """The components sorted by manifold (a stable permutation), their codes and groups, and
+        the (component, tile) partial sums of ‖u‖² ordered by group."""
+        perm = torch.sort(self.types.long(), stable=True)[1]
+        gid = self.ids[perm]
+        order, start, _ = _group_order(gid.repeat_interleave(t), self.ng)
+        return perm, self.types[perm], gid, order, start
 
     def _blocks(self, parts: list[tuple], first: dict, hy: _Hyper) -> bool:
         """The step by :func:`pomfx.fused.block_step`, each component a block of an (N, A, B) copy of

@@ -485,7 +485,7 @@ def test_triton_kernels_compile_for_the_h100_without_spills():
     assert out.returncode == 0, out.stdout + out.stderr
     lam = 2 * (3 + 1) + 2 * 2  # the λ moments (x's dtypes × rows/planes) and folds
     maps = 4 * 2  # block layers' maps: 4 dtypes, both ways
-    blocks = 2 * 8  # block jobs' step: prep, compose ×3, direction ×3, move
+    blocks = 2 * 12  # block jobs' step: prep, coldots, project ×2, compose ×3, direction ×3, move, normalize
     assert out.stdout.count(" 0 bytes spilled") == 2 + lam + maps + blocks + 2 * 2 * 9, out.stdout
 
 
@@ -1029,12 +1029,13 @@ def test_cuda_step_matches_cpu(manifolds, nesterov):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("net", NETS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cuda_triton_step_matches_the_torch_ops(dtype, monkeypatch):
-    """The compiled Triton kernels (CUDA's default for kernel layers) against the torch ops
-    (``POMFX_TRITON=0``) on the GPU, with a capped first step, Nesterov and euc weight decay;
-    a repeated run is the same bits."""
-    base = small_net("sp+ob+st+euc", dtype=dtype).cuda()
+def test_cuda_triton_step_matches_the_torch_ops(dtype, net, monkeypatch):
+    """The compiled Triton kernels (CUDA's default: kernel layers, block jobs, 5×5 and 7×7
+    kernels as blocks) against the torch ops (``POMFX_TRITON=0``) on the GPU, with a capped first
+    step, Nesterov and euc weight decay; a repeated run is the same bits."""
+    base = NETS[net]("sp+ob+st+euc", dtype=dtype).cuda()
     models = {mode: copy.deepcopy(base) for mode in ("0", "1", "again")}
     kw = dict(lr=0.2, momentum=0.9, nesterov=True, weight_decay=1e-3)
     opts = {mode: pomfx.FGSGD(m.parameters(), **kw) for mode, m in models.items()}
