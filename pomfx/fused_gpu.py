@@ -19,12 +19,12 @@ component, a component's entries in registers:
   its ω and momentum are left exactly as they were, decided on the device (no host sync).
 
 A job of blocks (:func:`block_step`: (n, A, B) components of 1×1 convs and linears, large, of
-every manifold) keeps its products XᵀY, X·C, its Cholesky factors and triangular solves in
-cuBLAS/cuSOLVER, and does all the rest in four kernels (:data:`_BLOCKS`): ``prep`` (s⊙g, the
-non-finite check per group), ``compose`` (the manifolds' normal-part matrix C of a product XᵀY
-per component, with per-component masks: st sym, ob diag, sp the trace; for the retraction the
-matrix whose Cholesky factor normalizes sp, ob and st alike), ``direction`` (momentum, u,
-partial ‖u‖²) and ``move``; ~22 launches a job where the torch ops take ~75.
+every manifold) keeps the Stiefel blocks' products XᵀY and X·C, Cholesky factors and triangular
+solves in cuBLAS/cuSOLVER, and does all the rest in Triton kernels (:data:`_BLOCKS`): ``prep``
+(s⊙g, the non-finite check per group), ``coldots`` and ``project`` (the sphere's and the
+oblique's normal parts from column products: no B×B product for them), ``compose`` (sym(XᵀY),
+or the Gram matrix, I where a group is skipped), ``direction`` (momentum, u, partial ‖u‖²),
+``move`` and ``normalize``; ~26 launches a job where the torch ops take ~75.
 
 A block layer's map (:func:`block_map`), ``W[inverse] = ω ⊙ R`` and its backward gather, is one
 launch each way, where the torch ops are two (``index_put_`` then ``mul_``; ``mul`` then

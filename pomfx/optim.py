@@ -70,11 +70,11 @@ live in persistent workspaces (fresh large allocations page-fault on every step)
 non-finite check costs one reduction; on CUDA ("batched" mode)
 all kernel layers of a shape form one job: with Triton (:mod:`pomfx.fused_gpu`), components of
 up to 16 entries take three kernels, u's norms and the step per layer and the group sums per job;
-otherwise (``POMFX_TRITON=0``, 5×5 and 7×7 kernels) the job runs in one chunk with the same
-elementwise ops (batched matmuls and cuSOLVER's batched Cholesky on 3×3 matrices measured 20×
-slower on an H100). All blocks of a shape form another job: with Triton
-(:func:`pomfx.fused_gpu.block_step`) every manifold at once, four elementwise kernels around the
-job's batched products, Cholesky factors and triangular solves (~22 launches); otherwise the
+larger ones (5×5, 7×7) go as blocks; without Triton (``POMFX_TRITON=0``) the job runs in one
+chunk with the same elementwise ops (batched matmuls and cuSOLVER's batched Cholesky on 3×3
+matrices measured 20× slower on an H100). All blocks of a shape form another job: with Triton
+(:func:`pomfx.fused_gpu.block_step`) every manifold at once, Triton kernels around the Stiefel
+blocks' batched products, Cholesky factors and triangular solves (~26 launches); otherwise the
 manifolds' own pieces range by range (~75). Nothing syncs with the host: the step is bound by
 the launches it issues there (``benchmarks/launch_count.py`` counts them on any machine). The
 step's matmuls are IEEE float32 whatever the user's TF32 setting
@@ -601,7 +601,7 @@ class _Job(_GroupNorms):
             k_first = firsts[0]
         else:
             k_first = torch.cat([torch.full((s.count,), f, device=x.device) for s, f in zip(segs, firsts)])
-        if self.cuda and fused_gpu.usable(x, 1, 1):  # Triton: ~22 launches for the job
+        if self.cuda and fused_gpu.usable(x, 1, 1):  # Triton: ~26 launches for the job
             self._triton_step(x, self._cat(gs), v, k_first, hy)
         elif self.prescale:
             _update(self, x, self._scaled_grad(gs), v, None, k_first, hy)
