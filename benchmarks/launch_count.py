@@ -83,21 +83,26 @@ class _Counted:
         self._mod = mod
 
     def __getattr__(self, name: str):
-        kernel = getattr(self._mod, name)
+        return _Kernel(name, getattr(self._mod, name))
 
-        def launcher(grid):
-            def launch(*args, **kwargs):
-                if Launches.active:
-                    Launches.active[-1].launches[f"triton.{name}"] += 1
-                Launches.paused = True  # (the interpreter's own ops are not launches)
-                try:
-                    return kernel[grid](*args, **kwargs)
-                finally:
-                    Launches.paused = False
 
-            return launch
+class _Kernel:
+    """A Triton kernel whose ``kernel[grid](...)`` counts one launch ``triton.<name>``."""
 
-        return type("Kernel", (), {"__getitem__": lambda _, grid: launcher(grid)})()
+    def __init__(self, name: str, kernel):
+        self.name, self.kernel = name, kernel
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            if Launches.active:
+                Launches.active[-1].launches[f"triton.{self.name}"] += 1
+            Launches.paused = True  # (the interpreter's own ops are not launches)
+            try:
+                return self.kernel[grid](*args, **kwargs)
+            finally:
+                Launches.paused = False
+
+        return launch
 
 
 def _count_triton() -> None:

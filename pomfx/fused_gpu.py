@@ -58,7 +58,8 @@ import torch
 from . import fused
 
 __all__ = [
-    "block_map", "fold_channel_var", "fold_usable", "group_sums", "map_usable", "norms", "step", "usable",
+    "block_map", "block_step", "block_tiles", "fold_channel_var", "fold_usable", "group_sums", "map_usable",
+    "norms", "step", "usable",
 ]  # fmt: skip
 
 _VERSION = 1  # of the generated source

@@ -244,27 +244,20 @@ def ieee_matmuls():
     the model): TF32 rounds a product's inputs to 10 bits, and a retraction through such a Gram
     matrix would leave ω ~1e-3 off its manifold. Set and restored through the API the user set
     it with: torch refuses to read its TF32 flags once both of its APIs have written them."""
-    try:
-        saved = torch.get_float32_matmul_precision()  # raises where the new API (2.9+) set it
+    try:  # the legacy API's view; it raises where the new one (torch 2.9+) set the flag
+        saved, exact = torch.get_float32_matmul_precision(), "highest"
+        put = torch.set_float32_matmul_precision
     except RuntimeError:
-        saved = None
-    if saved == "highest":
+        m = torch.backends.cuda.matmul
+        saved, exact, put = m.fp32_precision, "ieee", lambda v: setattr(m, "fp32_precision", v)
+    if saved == exact:
         yield
         return
-    if saved is not None:
-        torch.set_float32_matmul_precision("highest")
-        try:
-            yield
-        finally:
-            torch.set_float32_matmul_precision(saved)
-        return
-    m = torch.backends.cuda.matmul
-    saved = m.fp32_precision
-    m.fp32_precision = "ieee"
+    put(exact)
     try:
         yield
     finally:
-        m.fp32_precision = saved
+        put(saved)
 
 
 def right_solve_upper(r: Tensor, y: Tensor) -> Tensor:
