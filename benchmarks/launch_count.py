@@ -87,15 +87,23 @@ class _Counted:
 
 
 class _Kernel:
-    """A Triton kernel whose ``kernel[grid](...)`` counts one launch ``triton.<name>``."""
+    """A Triton kernel whose ``kernel[grid](...)`` counts one launch ``triton.<name>`` (and in
+    ``calls``); with ``run`` False it is not run at all (``host_cost.py``: the host's time
+    without the interpreter's)."""
+
+    run = True
+    calls = 0
 
     def __init__(self, name: str, kernel):
         self.name, self.kernel = name, kernel
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
+            _Kernel.calls += 1
             if Launches.active:
                 Launches.active[-1].launches[f"triton.{self.name}"] += 1
+            if not _Kernel.run:
+                return None
             Launches.paused = True  # (the interpreter's own ops are not launches)
             try:
                 return self.kernel[grid](*args, **kwargs)
@@ -117,7 +125,35 @@ def _count_triton() -> None:
     fused_gpu._BLOCK_TILE, fused_gpu._BLOCK_COLS = 1 << 22, 1 << 12  # a block per program
 
 
-def build(variant: str, arch: str, num_classes: int):
+def narrow(arch: str, num_classes: int, div: int) -> nn.Module:
+    """torchvision's ``arch`` (a ResNet) with every width divided by ``div``: the same layers,
+    graph and blocks, ~div² less arithmetic (the ops' host cost without their work)."""
+    from torchvision.models import resnet
+
+    block, layers = {
+        "resnet18": (resnet.BasicBlock, [2, 2, 2, 2]),
+        "resnet34": (resnet.BasicBlock, [3, 4, 6, 3]),
+        "resnet50": (resnet.Bottleneck, [3, 4, 6, 3]),
+        "resnet101": (resnet.Bottleneck, [3, 4, 23, 3]),
+    }[arch]
+
+    class Narrow(resnet.ResNet):
+        def __init__(self):
+            super().__init__(block, layers, num_classes=num_classes)
+            w = 64 // div
+            self.conv1 = nn.Conv2d(3, w, 7, 2, 3, bias=False)
+            self.bn1 = nn.BatchNorm2d(w)
+            self.fc = nn.Linear(512 * block.expansion // div, num_classes)
+
+        def _make_layer(self, block, planes, blocks, stride=1, dilate=False):
+            if planes == 64:  # the first stage: its input is the narrow stem's
+                self.inplanes = 64 // div
+            return super()._make_layer(block, planes // div, blocks, stride, dilate)
+
+    return Narrow()
+
+
+def build(variant: str, arch: str, num_classes: int, div: int = 1):
     import torchvision
 
     import pomfx
@@ -125,7 +161,10 @@ def build(variant: str, arch: str, num_classes: int):
 
     pomfx.renorm._shifted_var = _cuda_batch_var
     torch.manual_seed(0)
-    model = getattr(torchvision.models, arch)(num_classes=num_classes)
+    if div > 1:
+        model = narrow(arch, num_classes, div)
+    else:
+        model = getattr(torchvision.models, arch)(num_classes=num_classes)
     if variant == "pomfx":
         model = pomfx.convert(model, scheme="pio", manifolds="sp+ob+st")
         opt = pomfx.FGSGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -162,15 +201,17 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=32, help="input size (the counts do not depend on it)")
     ap.add_argument("--top", type=int, default=0, help="also list the most frequent ops of the pomfx step")
     ap.add_argument("--torch-ops", action="store_true", help="FG-SGD's torch ops, not its Triton kernels")
+    ap.add_argument("--div", type=int, default=1, help="every width divided by this (ResNets; see host_cost.py)")
     args = ap.parse_args()
     _count_triton()
     torch.set_flush_denormal(True)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, args.size, args.size, generator=g)
     y = torch.randint(0, args.num_classes, (2,), generator=g)
-    rows = {v: count(*build(v, args.arch, args.num_classes), x, y) for v in ("plain", "pomfx")}
+    rows = {v: count(*build(v, args.arch, args.num_classes, args.div), x, y) for v in ("plain", "pomfx")}
     path = "torch ops" if args.torch_ops else "Triton kernels"
-    print(f"{args.arch}, CUDA code path (FG-SGD's {path}): kernel launches (host syncs) per training step")
+    narrowed = f" (widths / {args.div})" if args.div > 1 else ""
+    print(f"{args.arch}{narrowed}, CUDA code path (FG-SGD's {path}): kernel launches (host syncs) per training step")
     print(f"{'phase':10s} {'plain':>14s} {'pomfx':>14s} {'ratio':>7s}")
     totals = {v: Launches() for v in rows}
     for phase in ("forward", "backward", "step", "total"):

@@ -1,14 +1,14 @@
 """Fused CPU kernels (numba) for FG-SGD on kernel layers, one parallel loop per phase, and for
 the parametrization's maps.
 
-The torch implementation of a kernel layer's step (:class:`pomfx.optim._KernelJob`) is about 80
+The torch implementation of a kernel layer's step (:class:`pomfx.kernel_job.KernelJob`) is about 80
 elementwise ops per chunk of components; on a CPU their dispatch and their passes through memory
 cost several plain SGD steps. Here each phase is one parallel loop over the components, written
 for the layer's component shape (A, B): the source is generated with every small-matrix
 operation unrolled into scalar statements, so a component's algebra runs in registers, the loop
 body has no branches (the four manifolds' formulas are chosen by per-component masks, as in
-``_KernelJob``) and the compiler vectorises it across components. The formulas, in ``_KernelJob``'s
-order (see :mod:`pomfx.optim`):
+``KernelJob``) and the compiler vectorises it across components. The formulas, in ``KernelJob``'s
+order (see :mod:`pomfx.kernel_job`):
 
 - phase A: ``d = cg·G − ω·C(ωᵀ cg·G)`` with C = sym on st, ddiag on ob, trace·I on sp, 0 on euc
   (plus ``wd·ω`` on euc); momentum ``v = μv + d`` (Nesterov ``u = d + μ(μv + d)``); ``q = ‖u‖²``;
@@ -936,7 +936,7 @@ def fold_channel_var(x: torch.Tensor, running_var: torch.Tensor, weight: float) 
 
 # -- FG-SGD on small blocks ---------------------------------------------------------------------
 # One job of block components (n, A, B), each of its own manifold (``types`` as in _TYPE_CODE),
-# the whole step of pomfx.optim._update per block, in float64 scratch: a block is its own group,
+# the whole step of pomfx.block_job.update per block, in float64 scratch: a block is its own group,
 # so its step size needs no reduction across blocks. A block whose normal part (or, on euc,
 # gradient) is not finite is left exactly as it was.
 _BLOCK_STEP = """
@@ -1140,7 +1140,7 @@ def kernel(G, V, coef, beta, lim, types):
 def block_bound(G, V, coef, beta: float, lim, types) -> bool:
     """Whether every block k of ``G`` (n, A, B) has ``e_k² ≤ lim[types[k]]`` for
     ``e_k = coef_k·‖G_k‖ + β·‖V_k‖`` (float64, ``coef`` (n,)), and all is finite: the bound on
-    a step direction's norm that shows no group's step size capped (``pomfx.optim._KernelJob.
+    a step direction's norm that shows no group's step size capped (``pomfx.kernel_job.KernelJob.
     _blocks``). One parallel pass over G and V."""
     g = _np(G)
     fn = _compiled(("bb", g.dtype.str), lambda: _BLOCK_BOUND, g.dtype)
@@ -1178,7 +1178,7 @@ def block_step(
     restep: float,
 ) -> None:
     """One FG-SGD step of the blocks ``X`` (n, A, B) in place (and of their momentum ``V``),
-    the formulas of :func:`pomfx.optim._update`: ``G`` the raw gradient, ``S`` (n, A) or (n, B)
+    the formulas of :func:`pomfx.block_job.update`: ``G`` the raw gradient, ``S`` (n, A) or (n, B)
     its scale 1/R² along the rows (``srow``) or columns, ``types`` (n,) int8 each block's
     manifold, ``cg`` (n,) the gradient's coefficient (sign × damping), ``wdk`` (n,) euc's weight
     decay × damping, ``norm_g`` (n,) ‖ω‖_F of each block. For jobs of small blocks, whose ~80

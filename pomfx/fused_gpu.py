@@ -1,7 +1,7 @@
 """Fused GPU kernels (Triton): FG-SGD's step of kernel layers and of block jobs, the block maps,
 and the λ hook's variance fold.
 
-On a GPU the torch ops of a kernel layer's step (:class:`pomfx.optim._KernelJob`, about 80
+On a GPU the torch ops of a kernel layer's step (:class:`pomfx.kernel_job.KernelJob`, about 80
 elementwise ops per job) cost their launches, not their arithmetic: the step is bound by the
 host issuing them (benchmarks/RESULTS.md, "GPU"). Here, as :mod:`pomfx.fused` does on a CPU,
 each phase is one kernel over the components, its small-matrix algebra unrolled into scalar
@@ -46,6 +46,7 @@ kernel's source from its file.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 import re
@@ -75,6 +76,7 @@ _CHANNELS = 128  # channels a λ fold program folds
 _PROGRAMS = 1024  # about as many λ programs per layer (their chunks split a channel's elements)
 _TINY = 1.1754943508222875e-38  # float32's smallest normal: the floor under a norm², as on the CPU
 _CACHE: dict = {}
+_NO_GUARD = contextlib.nullcontext()  # (reusable: it holds nothing)
 
 
 def _triton():
@@ -129,8 +131,11 @@ def map_usable(t: torch.Tensor) -> bool:
 
 
 def _on(t: torch.Tensor):
-    """The device guard for a launch on ``t``: Triton launches on the current CUDA device."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    """The device guard for a launch on ``t``: Triton launches on the current CUDA device (a
+    guard only where ``t`` is on another one: entering it costs microseconds a launch)."""
+    if t.is_cuda and t.get_device() != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return _NO_GUARD
 
 
 # -- source generation: the CPU kernels' statements, in Triton's dialect ----------------------------
@@ -559,10 +564,13 @@ def _group_module():
 
 
 def _blocks_module(dt: torch.dtype):
-    sqrt = "tl.sqrt_rn" if dt == torch.float32 else "tl.sqrt"
-    cap = _quotient(dt, "tl.load(HYP + 1) * tl.load(NORMG + g)", f"tl.maximum(lr * {sqrt}(qg), 1e-30)")
-    div = _quotient(dt, "xv", "den")
-    return _module(("blk", dt, 2), lambda: _BLOCKS.format(quot=cap, div_x=div, sqrt=sqrt, tiny=repr(_TINY)))
+    def source() -> str:
+        sqrt = "tl.sqrt_rn" if dt == torch.float32 else "tl.sqrt"
+        cap = _quotient(dt, "tl.load(HYP + 1) * tl.load(NORMG + g)", f"tl.maximum(lr * {sqrt}(qg), 1e-30)")
+        div = _quotient(dt, "xv", "den")
+        return _BLOCKS.format(quot=cap, div_x=div, sqrt=sqrt, tiny=repr(_TINY))
+
+    return _module(("blk", dt, 2), source)
 
 
 def _block_map_module(acc: torch.dtype):
@@ -627,23 +635,31 @@ def fold_channel_var(x: torch.Tensor, running_var: torch.Tensor, seen: torch.Ten
     sums of d = x − x[0, c, 0] (no cancellation when the mean is large against the spread) in
     float32 (float64 for a float64 x). Two launches; chunks and their order fixed by the shape."""
     p, c, q = x.shape
-    rows = q == 1
-    if rows:  # a block of channels per program, the rows cut into chunks
-        bi = min(64, _pow2(c))
-        bp, ncb = _TILE // bi, _cdiv(c, bi)
-        s = max(1, min(_cdiv(_PROGRAMS, ncb), _cdiv(p, 4 * bp)))
-        chunk = _cdiv(_cdiv(p, s), bp) * bp
-    else:  # a channel per program, its P planes cut into chunks
-        bi, ncb = min(1024, _pow2(q)), c
-        chunk = _cdiv(p, max(1, min(_cdiv(_PROGRAMS, c), p)))
-        bp = min(_pow2(chunk), _TILE // bi)
-    s = _cdiv(p, chunk)
+    rows, bp, bi, ncb, s, chunk = _fold_plan(p, c, q, _TILE, _PROGRAMS)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     part = torch.empty(2 * s * c + 1, dtype=acc, device=x.device)
     mod = _moments_module(acc, running_var.dtype)
     with _on(x):
         mod.moments[(ncb, s)](x, part, seen, p, c, q, chunk, s, momentum, ROWS=rows, BP=bp, BI=bi)
         mod.fold[(_cdiv(c, _CHANNELS),)](part, running_var, seen, c, s, p * q, BLOCK=_CHANNELS)
+
+
+@functools.lru_cache(maxsize=1024)
+def _fold_plan(p: int, c: int, q: int, tile: int, programs: int) -> tuple[bool, int, int, int, int, int]:
+    """(rows mode, BP, BI, channel blocks, chunks, chunk length) of :func:`fold_channel_var` for
+    an x of (P, C, Q), with tiles of ``tile`` elements, about ``programs`` programs (a layer's
+    shapes repeat from step to step: planned once each)."""
+    rows = q == 1
+    if rows:  # a block of channels per program, the rows cut into chunks
+        bi = min(64, _pow2(c))
+        bp, ncb = tile // bi, _cdiv(c, bi)
+        s = max(1, min(_cdiv(programs, ncb), _cdiv(p, 4 * bp)))
+        chunk = _cdiv(_cdiv(p, s), bp) * bp
+    else:  # a channel per program, its P planes cut into chunks
+        bi, ncb = min(1024, _pow2(q)), c
+        chunk = _cdiv(p, max(1, min(_cdiv(programs, c), p)))
+        bp = min(_pow2(chunk), tile // bi)
+    return rows, bp, bi, ncb, _cdiv(p, chunk), chunk
 
 
 def block_map(src: torch.Tensor, index: torch.Tensor, scale: torch.Tensor, to: str) -> torch.Tensor:

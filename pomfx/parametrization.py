@@ -475,7 +475,10 @@ class POM(nn.Module):
         self.scale.view(rows).copy_(self.gamma.view(rows)).mul_(self.kappa).div_(lam_hat.view(chan))
 
     def _scale_key(self) -> tuple:
-        return (self.scale.data_ptr(), self.scale._version, self.scale.device)
+        """What changes when R does (its memory or its version): FG-SGD's caches of 1/R² read it
+        every step, so it skips Module's attribute lookup."""
+        s = self._buffers["scale"]
+        return (s.data_ptr(), s._version, s.device)
 
     @torch.no_grad()
     def lr_scale(self) -> Tensor | tuple[Tensor, ...]:

@@ -79,6 +79,8 @@ def _channel_view(x: Tensor, cdim: int) -> Tensor | None:
     """``x`` as (P, C, Q) in its memory order, C its channels (a view, no copy): P the dims laid
     out outside the channel's, Q those inside it (contiguous: the dims before and after ``cdim``;
     channels-last: Q = 1). None where x's elements are not dense in memory."""
+    if x.is_contiguous():  # (the usual case, without sorting the strides)
+        return x.view(math.prod(x.shape[:cdim]), x.shape[cdim], -1)
     order = sorted(range(x.dim()), key=lambda d: -x.stride(d))  # outermost first
     y = x.permute(order)
     if not y.is_contiguous():

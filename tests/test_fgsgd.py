@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import pomfx
 from pomfx import fused, fused_gpu
 from pomfx import manifolds as M
+from pomfx.block_job import BlockJob
 from pomfx.parametrization import ComponentParameter
 from pomfx.renorm import poms
 
@@ -350,23 +351,23 @@ def test_drift_after_1000_steps_fp32():
 
 
 def test_gershgorin_test_of_the_gram_matrix():
-    """One Cholesky-QR pass is kept only where the discs bound κ(yᵀy) by 1 + _RESTEP: near-identity
+    """One Cholesky-QR pass is kept only where the discs bound κ(yᵀy) by 1 + RESTEP: near-identity
     Gram matrices pass, an ill-conditioned or non-finite one (in a batch of good ones) does not."""
-    from pomfx.optim import _RESTEP, _well_conditioned
+    from pomfx.small_matrix import RESTEP, well_conditioned
 
     g = torch.Generator().manual_seed(0)
     x = torch.linalg.qr(torch.randn(3, 64, 16, generator=g))[0]
     xi = torch.randn(3, 64, 16, generator=g)
     xi -= x @ (x.mT @ xi)  # tangent-like
     small = x + 0.01 * xi / xi.norm(dim=(1, 2), keepdim=True)
-    assert _well_conditioned(small.mT @ small)
+    assert well_conditioned(small.mT @ small)
     big = x + 2.0 * xi / xi.norm(dim=(1, 2), keepdim=True)
     gram = big.mT @ big
     ev = torch.linalg.eigvalsh(gram.double())
-    assert float((ev[:, -1] / ev[:, 0]).max()) > 1 + _RESTEP and not _well_conditioned(gram)
+    assert float((ev[:, -1] / ev[:, 0]).max()) > 1 + RESTEP and not well_conditioned(gram)
     bad = (small.mT @ small).clone()
     bad[1, 2, 3] = float("nan")
-    assert not _well_conditioned(bad)
+    assert not well_conditioned(bad)
 
 
 # -- non-finite gradients -----------------------------------------------------------------------
@@ -415,13 +416,13 @@ def test_triton_group_sums_are_the_sums_in_a_fixed_order(monkeypatch):
     """:func:`pomfx.fused_gpu.group_sums` over scattered groups, some empty and some longer than
     a block, is the group sums, and the same bits on every call."""
     gpu_path(monkeypatch, "triton")
-    from pomfx.optim import _group_order
+    from pomfx.jobs import group_order
 
     g = torch.Generator().manual_seed(0)
     ids = torch.cat([torch.randint(0, 40, (3000,), generator=g), torch.full((700,), 41)]).int()
     ids = ids[torch.randperm(len(ids), generator=g)]
     q = torch.rand(len(ids), generator=g, dtype=torch.float64)
-    order, start, _ = _group_order(ids, 45)  # groups 40, 42, 43, 44 empty; 41 has 700 members
+    order, start, _ = group_order(ids, 45)  # groups 40, 42, 43, 44 empty; 41 has 700 members
     qg = torch.full((45,), float("nan"), dtype=torch.float64)
     fused_gpu.group_sums(q, order, start, qg)
     ref = torch.zeros(45, dtype=torch.float64).index_add_(0, ids.long(), q)
@@ -459,7 +460,7 @@ def test_triton_step_launches_and_the_torch_ops_step(monkeypatch):
     kernel_layers = [p for p in omegas(base) if p.pom.layout.kernel]
     jobs = {(p.pom._shape, p.dtype) for p in kernel_layers}
     (plan,) = opts["triton"]._plans.values()
-    blocks = sum(isinstance(job, pomfx.optim._Job) for job in plan)
+    blocks = sum(isinstance(job, BlockJob) for job in plan)
     assert blocks == 4
     assert calls == {"norms": 4 * 2 * len(kernel_layers), "step": 4 * 2 * len(kernel_layers),
                      "group_sums": 4 * 2 * (len(jobs) + blocks), "block_step": 4 * 2 * blocks}  # fmt: skip
@@ -504,7 +505,7 @@ def test_batched_jobs_stay_under_their_size_cap(monkeypatch):
     _steps_match_reference(model, opt, 0.05, 0.9, wd=1e-2)
     (plan,) = opt._plans.values()
     for job in plan:
-        is_block = isinstance(job, optim._Job)
+        is_block = isinstance(job, BlockJob)
         sizes = [s.numel for s in job.segs] if is_block else [p.numel() for p in job.params]
         assert sum(sizes) <= 100 or len(sizes) == 1, sizes
     assert len(plan) > uncapped
@@ -756,7 +757,7 @@ def test_bad_arguments():
 @pytest.mark.parametrize("manifolds", ["sp+ob+st", "sp+ob+st+euc"])
 def test_fused_kernels_match_torch_kernels(manifolds, momentum, nesterov, dtype, net, monkeypatch):
     """pomfx.fused (one generated, vectorised loop per phase; one loop per job of small blocks,
-    and per kernel layer of 5×5 or 7×7 components) computes what _KernelJob's and _update's
+    and per kernel layer of 5×5 or 7×7 components) computes what KernelJob's and update's
     torch ops compute: every mode, a large step (Cholesky-QR twice, capped groups), a group
     with a NaN gradient."""
     assert fused.available(3, 3), "numba is a dependency of pomfx"
@@ -846,12 +847,12 @@ def test_one_pass_step_is_the_two_phase_step(manifolds, momentum, dampening, dty
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_one_pass_repeats_the_cholesky_qr_where_a_step_is_large(momentum, dtype, monkeypatch):
-    """A Stiefel component whose step is large (h²‖u_c‖² > _RESTEP) gets its Cholesky-QR twice,
+    """A Stiefel component whose step is large (h²‖u_c‖² > RESTEP) gets its Cholesky-QR twice,
     chosen per component, in the one pass as in phase B: a group with a few large components
     among small ones is not capped, so the layer still steps in one pass. Bit for bit the
     two-phase step (until session 12 only to rounding: the kernels' FMA contractions differed),
     and on the manifold."""
-    from pomfx.optim import _RESTEP
+    from pomfx.small_matrix import RESTEP
 
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 16, 3).to(dtype)  # po: groups of 16 components, one large in some
@@ -874,7 +875,7 @@ def test_one_pass_repeats_the_cholesky_qr_where_a_step_is_large(momentum, dtype,
             o_ref.step()
         taken.clear()
         o_new.step()
-        both.append(taken == [True] and large[-1] > _RESTEP)  # one pass, second Cholesky-QR
+        both.append(taken == [True] and large[-1] > RESTEP)  # one pass, second Cholesky-QR
         for a, b in zip(ref.parameters(), new.parameters()):
             assert torch.equal(b, a), step
             if momentum:
@@ -939,12 +940,12 @@ def test_large_kernels_step_as_blocks(monkeypatch):
     where every component is its own group (depthwise: the block's own cap is its group's),
     and where groups hold several components while the bound shows no cap; a capped step takes
     the torch ops. (That both give the reference step: test_step_matches_reference_float64.)"""
-    from pomfx.optim import _KernelJob
+    from pomfx.kernel_job import KernelJob
 
     taken = []
-    blocks = _KernelJob._blocks
+    blocks = KernelJob._blocks
     monkeypatch.setattr(
-        _KernelJob,
+        KernelJob,
         "_blocks",
         lambda job, *a: taken.append((job.gid is None, blocks(job, *a))) or taken[-1][1],
     )
