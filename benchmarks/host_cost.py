@@ -67,7 +67,8 @@ def main() -> None:
     print(f"{args.arch} (widths / {args.div}), CUDA code path on the host: ms per training step (median)")
     print(f"{'phase':10s} {'plain':>8s} {'pomfx':>8s} {'ratio':>7s}")
     for i, phase in enumerate(("forward", "backward", "step", "total")):
-        m = {v: 1e3 * statistics.median(sum(t[:3]) if i == 3 else t[i] for t in ts) for v, ts in times.items()}
+        pick = (lambda t: sum(t[:3])) if i == 3 else (lambda t, i=i: t[i])
+        m = {v: 1e3 * statistics.median(pick(t) for t in ts) for v, ts in times.items()}
         print(f"{phase:10s} {m['plain']:8.2f} {m['pomfx']:8.2f} {m['pomfx'] / m['plain']:7.2f}")
     print(f"Triton launches a step (not run, not in the times): {times['pomfx'][-1][3]}")
     if args.profile:

@@ -201,17 +201,21 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=32, help="input size (the counts do not depend on it)")
     ap.add_argument("--top", type=int, default=0, help="also list the most frequent ops of the pomfx step")
     ap.add_argument("--torch-ops", action="store_true", help="FG-SGD's torch ops, not its Triton kernels")
-    ap.add_argument("--div", type=int, default=1, help="every width divided by this (ResNets; see host_cost.py)")
+    ap.add_argument(
+        "--div", type=int, default=1, help="every width divided by this (ResNets; see host_cost.py)"
+    )
     args = ap.parse_args()
     _count_triton()
     torch.set_flush_denormal(True)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, args.size, args.size, generator=g)
     y = torch.randint(0, args.num_classes, (2,), generator=g)
-    rows = {v: count(*build(v, args.arch, args.num_classes, args.div), x, y) for v in ("plain", "pomfx")}
+    rows = {}
+    for v in ("plain", "pomfx"):
+        rows[v] = count(*build(v, args.arch, args.num_classes, args.div), x, y)
     path = "torch ops" if args.torch_ops else "Triton kernels"
     narrowed = f" (widths / {args.div})" if args.div > 1 else ""
-    print(f"{args.arch}{narrowed}, CUDA code path (FG-SGD's {path}): kernel launches (host syncs) per training step")
+    print(f"{args.arch}{narrowed}, CUDA code path (FG-SGD's {path}): kernel launches (host syncs) a step")
     print(f"{'phase':10s} {'plain':>14s} {'pomfx':>14s} {'ratio':>7s}")
     totals = {v: Launches() for v in rows}
     for phase in ("forward", "backward", "step", "total"):

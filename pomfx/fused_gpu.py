@@ -71,6 +71,7 @@ _INPUTS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # λ: x
 _TILE = 2048  # elements of x a λ program reads per iteration
 _BLOCK_TILE = 1024  # elements of a block job's tile
 _BLOCK_COLS = 64  # columns of a block job's tile at most
+_GRID_Y = 65535  # a CUDA grid's second axis at most (the block kernels' tiles of a block)
 _MAP_BLOCK = 1024  # elements per program of a block layer's map
 _CHANNELS = 128  # channels a λ fold program folds
 _PROGRAMS = 1024  # about as many λ programs per layer (their chunks split a channel's elements)
@@ -679,10 +680,13 @@ def block_map(src: torch.Tensor, index: torch.Tensor, scale: torch.Tensor, to: s
 
 def block_tiles(rows: int, cols: int) -> tuple[int, int, int, int]:
     """(TA, TB, T, TR): the elementwise kernels' tile of an (A × B) block, the tiles per block,
-    and the rows of C per ``compose`` program (tiles of at most :data:`_BLOCK_TILE` elements)."""
+    and the rows of C per ``compose`` program (tiles of at most :data:`_BLOCK_TILE` elements;
+    taller where a block would have more tiles than a CUDA grid's second axis takes)."""
     tb = min(_pow2(cols), _BLOCK_COLS)
     ta = max(1, min(_pow2(rows), _BLOCK_TILE // tb))
     tr = max(1, min(_pow2(cols), _BLOCK_TILE // tb))
+    while _cdiv(rows, ta) * _cdiv(cols, tb) > _GRID_Y:  # a huge block: taller tiles, fewer of them
+        ta *= 2
     return ta, tb, _cdiv(rows, ta) * _cdiv(cols, tb), tr
 
 

@@ -210,6 +210,23 @@ def test_triton_block_step_on_large_blocks_is_the_reference(mu, nesterov, monkey
     """:func:`pomfx.fused_gpu.block_step` on 150×140 blocks of every manifold (tiles that end
     part way, several programs per block and per row block of C, the trace summed over column
     chunks) is Algorithm 1's float64 reference, ω and momentum to 1e-10."""
+    _large_blocks_match_reference(mu, nesterov, monkeypatch)
+
+
+def test_triton_block_step_keeps_a_huge_blocks_tiles_within_the_grid(monkeypatch):
+    """A CUDA grid's second axis takes at most 65 535 programs, the tiles of one block: a huge
+    block (16384 × 16384) gets taller tiles to stay within it, and such tiles give the reference's
+    step (here with a limit of 8 tiles a block, so that 150×140 blocks take 128-row tiles)."""
+    for shape in [(16384, 16384), (65536, 4096), (1 << 20, 64)]:
+        ta, tb, t, _ = fused_gpu.block_tiles(*shape)
+        assert t <= 65535 and t == -(-shape[0] // ta) * -(-shape[1] // tb), (shape, ta, tb, t)
+    assert fused_gpu.block_tiles(150, 140)[:3] == (16, 64, 30)
+    monkeypatch.setattr(fused_gpu, "_GRID_Y", 8)
+    assert fused_gpu.block_tiles(150, 140)[:3] == (128, 64, 6)
+    _large_blocks_match_reference(0.9, False, monkeypatch)
+
+
+def _large_blocks_match_reference(mu: float, nesterov: bool, monkeypatch) -> None:
     gpu_path(monkeypatch, "triton")
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(300, 280), nn.ReLU(), nn.Linear(280, 10)).double()
