@@ -30,13 +30,14 @@ __all__ = ["KernelJob"]
 
 
 class KernelJob(Job):
-    """One kernel layer: ω is ``(A, B, N)`` (see :class:`pomfx.parametrization.POM`), its
-    components of all manifolds interleaved in weight order. Every operation is a small-matrix
-    one written as elementwise ops over the contiguous N axis, with per-component masks choosing
-    the manifold's formula (sphere, oblique, Stiefel and Euclidean share one skeleton: the normal
-    part of a vector Y is ``ω·C(ωᵀY)`` and the retraction is ``(ω+ξ)·R⁻¹``, for a per-manifold C
-    and triangular R). Groups are scattered over N, so the step has two phases over chunks: the
-    momentum and the norms, then (after the per-group step size) retraction and transport."""
+    """One kernel layer (batched, on CUDA: every kernel layer of a shape): ω is ``(A, B, N)``
+    (see :class:`pomfx.parametrization.POM`), its components of all manifolds interleaved in
+    weight order. Every operation is a small-matrix one written as elementwise ops over the
+    contiguous N axis, with per-component masks choosing the manifold's formula (sphere,
+    oblique, Stiefel and Euclidean share one skeleton: the normal part of a vector Y is
+    ``ω·C(ωᵀY)`` and the retraction is ``(ω+ξ)·R⁻¹``, for a per-manifold C and triangular R).
+    Groups are scattered over N, so the step has two phases over chunks: the momentum and the
+    norms, then (after the per-group step size) retraction and transport."""
 
     def __init__(self, params: list[ComponentParameter], chunk: int, batched: bool, shared: Workspace):
         poms = [p.pom for p in params]
